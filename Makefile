@@ -1,0 +1,25 @@
+# Two entry points on a fresh machine: `make main` (the key-value reproduction) and `make test`.
+# Both create .venv and install the pinned CPU build of torch first, then the project.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: setup main test lint
+setup: $(STAMP)
+
+main: $(STAMP)
+	$(BIN)/calm reproduce kv --out runs/kv
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check calm tests benchmarks

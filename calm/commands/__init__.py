@@ -1,0 +1,1 @@
+"""Subcommands of the `calm` command line, one module each."""

@@ -1,0 +1,1 @@
+"""Task families: data generators, loaders and scorers (one module each)."""
