@@ -1,0 +1,231 @@
+"""Seeded data generators for the key-value arithmetic task (CALM paper, section 4.1, Table 1).
+
+Formats (one character per token; `W` = value width, `R` = result width, both zero padded):
+
+    D_KV       a map key -> value; keys are 2-6 lowercase letters, values are the integers
+               1..num_keys in a seeded random order (unique, as in the paper)
+    KV-SUBS    prompt "abc+de-fgh="      completion "012+034-005"
+    NUM-MATH   prompt "012+034-005="     completion "640|140"
+    KV-MATH    prompt "abc+de-fgh="      completion "640|140"
+    SUBS+MATH  prompt "abc+de-fgh="      completion "012+034-005=640|140"   (variant c)
+
+The numeric answer is a scratchpad of running results, one per operator, each written with its
+digits reversed (least significant first) and zero padded to `R` digits: 12+34 = 46 -> "640",
+46-5 = 41 -> "140". The last chunk is the result (41). Expressions are drawn so that every running
+result is non-negative (no sign to predict). Multiplication is not used at the default scale.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DIGITS = "0123456789"
+SYMBOLS = "+-*=|"
+VARIANTS = ("kv_subs", "kv_math", "subs_math")
+
+
+@dataclass(frozen=True)
+class KVScale:
+    """The size of one key-value arithmetic task (the paper's is in `PAPER_SCALE`)."""
+
+    num_keys: int = 200
+    min_key_len: int = 2
+    max_key_len: int = 6
+    min_operands: int = 3
+    max_operands: int = 3
+    operators: str = "+-"
+    map_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_keys < 5:
+            raise ValueError(f"num_keys must be at least 5, got {self.num_keys}.")
+        if not 1 <= self.min_key_len <= self.max_key_len:
+            raise ValueError("Key lengths must satisfy 1 <= min_key_len <= max_key_len.")
+        if len(LETTERS) ** self.max_key_len < 2 * self.num_keys:
+            raise ValueError(f"Keys of at most {self.max_key_len} letters are too few.")
+        if not 2 <= self.min_operands <= self.max_operands:
+            raise ValueError("Operand counts must satisfy 2 <= min_operands <= max_operands.")
+        if not self.operators or set(self.operators) - set("+-*"):
+            raise ValueError(f"operators must be a subset of '+-*', got {self.operators!r}.")
+
+    @property
+    def value_width(self) -> int:
+        return len(str(self.num_keys))
+
+    @property
+    def result_width(self) -> int:
+        biggest = self.num_keys**self.max_operands if "*" in self.operators else 0
+        return len(str(max(self.num_keys * self.max_operands, biggest)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PAPER_SCALE = {
+    "num_keys": 25_000,
+    "min_key_len": 2,
+    "max_key_len": 6,
+    "min_operands": 3,
+    "max_operands": 6,
+    "operators": "+-*",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt/completion pair; `answer` is the integer result where the task has one."""
+
+    prompt: str
+    completion: str
+    answer: int | None = None
+
+
+@dataclass(frozen=True)
+class Expression:
+    """An expression over keys: operands are keys, `ops[i]` sits between operand i and i+1."""
+
+    keys: tuple[str, ...]
+    ops: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KVTask:
+    """A key-value map plus the formats of every data set drawn from it."""
+
+    scale: KVScale = field(default_factory=KVScale)
+
+    def __post_init__(self) -> None:
+        rng = random.Random(self.scale.map_seed)
+        keys: list[str] = []
+        seen: set[str] = set()
+        while len(keys) < self.scale.num_keys:
+            n = rng.randint(self.scale.min_key_len, self.scale.max_key_len)
+            key = "".join(rng.choice(LETTERS) for _ in range(n))
+            if key not in seen:
+                seen.add(key)
+                keys.append(key)
+        values = list(range(1, self.scale.num_keys + 1))
+        rng.shuffle(values)
+        object.__setattr__(self, "kv", dict(zip(keys, values, strict=True)))
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.kv)
+
+    # --- splits --------------------------------------------------------------------------------
+
+    def split_keys(self, seed: int, fraction: float = 0.2) -> tuple[list[str], list[str]]:
+        """Return (D_C keys, held-out keys): a seeded `fraction` of the keys and the rest."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}.")
+        keys = sorted(self.kv)
+        random.Random(f"split-{seed}").shuffle(keys)
+        n = max(1, round(fraction * len(keys)))
+        return sorted(keys[:n]), sorted(keys[n:])
+
+    # --- expressions ---------------------------------------------------------------------------
+
+    def evaluate(self, values: list[int], ops: tuple[str, ...]) -> list[int]:
+        """Running results left to right (the scratchpad); every operator applies to the
+        running result and the next value."""
+        running = [values[0]]
+        for op, v in zip(ops, values[1:], strict=True):
+            r = running[-1]
+            running.append(r + v if op == "+" else r - v if op == "-" else r * v)
+        return running[1:]
+
+    def sample_expression(self, rng: random.Random, keys: list[str]) -> Expression:
+        """Draw an expression over `keys` whose running results are all non-negative."""
+        while True:
+            n = rng.randint(self.scale.min_operands, self.scale.max_operands)
+            ks = tuple(rng.choice(keys) for _ in range(n))
+            ops = tuple(rng.choice(self.scale.operators) for _ in range(n - 1))
+            if min(self.evaluate([self.kv[k] for k in ks], ops)) >= 0:
+                return Expression(ks, ops)
+
+    def sample_expressions(self, n: int, keys: list[str], seed: int | str) -> list[Expression]:
+        """`n` distinct expressions over `keys`, drawn with `seed`."""
+        rng = random.Random(seed)
+        out: dict[str, Expression] = {}
+        for _ in range(100 * n):
+            e = self.sample_expression(rng, keys)
+            out.setdefault(self.key_string(e), e)
+            if len(out) == n:
+                return list(out.values())
+        raise ValueError(f"Could not draw {n} distinct expressions from {len(keys)} keys.")
+
+    # --- formatting ----------------------------------------------------------------------------
+
+    def _join(self, operands: list[str], ops: tuple[str, ...]) -> str:
+        parts = [operands[0]]
+        for op, x in zip(ops, operands[1:], strict=True):
+            parts += [op, x]
+        return "".join(parts)
+
+    def key_string(self, e: Expression) -> str:
+        return self._join(list(e.keys), e.ops)
+
+    def value_string(self, e: Expression) -> str:
+        w = self.scale.value_width
+        return self._join([str(self.kv[k]).zfill(w) for k in e.keys], e.ops)
+
+    def scratchpad(self, e: Expression) -> str:
+        w = self.scale.result_width
+        running = self.evaluate([self.kv[k] for k in e.keys], e.ops)
+        return "|".join(str(r).zfill(w)[::-1] for r in running)
+
+    def result(self, e: Expression) -> int:
+        return self.evaluate([self.kv[k] for k in e.keys], e.ops)[-1]
+
+    # --- data sets -----------------------------------------------------------------------------
+
+    def kv_subs(self, e: Expression) -> Example:
+        return Example(self.key_string(e) + "=", self.value_string(e))
+
+    def num_math(self, e: Expression) -> Example:
+        return Example(self.value_string(e) + "=", self.scratchpad(e), self.result(e))
+
+    def kv_math(self, e: Expression) -> Example:
+        return Example(self.key_string(e) + "=", self.scratchpad(e), self.result(e))
+
+    def subs_math(self, e: Expression) -> Example:
+        completion = self.value_string(e) + "=" + self.scratchpad(e)
+        return Example(self.key_string(e) + "=", completion, self.result(e))
+
+    def composition_data(self, variant: str, n: int, keys: list[str], seed: int) -> list[Example]:
+        """D_C: `n` examples over `keys` in one of the three variants (see `VARIANTS`)."""
+        if variant not in VARIANTS:
+            raise ValueError(f"Unknown D_C variant {variant!r}; choose one of {VARIANTS}.")
+        make = getattr(self, variant)
+        return [make(e) for e in self.sample_expressions(n, keys, f"dc-{variant}-{seed}")]
+
+    def random_numeric_expression(self, rng: random.Random) -> Example:
+        """A NUM-MATH example over any values in [1, num_keys] (mB's pretraining data)."""
+        n = self.scale.num_keys
+        while True:
+            k = rng.randint(self.scale.min_operands, self.scale.max_operands)
+            values = [rng.randint(1, n) for _ in range(k)]
+            ops = tuple(rng.choice(self.scale.operators) for _ in range(k - 1))
+            running = self.evaluate(values, ops)
+            if min(running) >= 0:
+                break
+        w, rw = self.scale.value_width, self.scale.result_width
+        prompt = self._join([str(v).zfill(w) for v in values], ops) + "="
+        completion = "|".join(str(r).zfill(rw)[::-1] for r in running)
+        return Example(prompt, completion, running[-1])
+
+
+def parse_result(completion: str) -> int | None:
+    """The final number of a scratchpad completion (after the last '=', last '|' chunk,
+    digits reversed), or None when it is not a number."""
+    chunk = completion.rsplit("=", 1)[-1].rsplit("|", 1)[-1].strip()
+    if not chunk or not chunk.isdigit():
+        return None
+    return int(chunk[::-1])
+
+
+def parse_subs(completion: str) -> str:
+    """The substituted expression of a completion: the text before its first '='."""
+    return completion.split("=", 1)[0].strip()

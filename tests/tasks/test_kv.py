@@ -1,0 +1,90 @@
+"""Invariants of the key-value arithmetic generators."""
+
+import random
+import re
+
+import pytest
+
+from calm.tasks.kv import VARIANTS, KVScale, KVTask, parse_result, parse_subs
+
+
+@pytest.fixture(scope="module")
+def task():
+    return KVTask(KVScale(num_keys=200))
+
+
+def _numeric(expr: str) -> int:
+    """Evaluate a numeric expression left to right (the task's convention)."""
+    tokens = re.findall(r"\d+|[+\-*]", expr)
+    acc = int(tokens[0])
+    for op, x in zip(tokens[1::2], tokens[2::2], strict=True):
+        acc = acc + int(x) if op == "+" else acc - int(x) if op == "-" else acc * int(x)
+    return acc
+
+
+def test_values_unique_and_in_range(task):
+    values = list(task.kv.values())
+    assert sorted(values) == list(range(1, 201))
+    assert all(re.fullmatch(r"[a-z]{2,6}", k) for k in task.kv)
+    assert len(set(task.kv)) == 200
+
+
+def test_map_is_seeded(task):
+    assert KVTask(KVScale(num_keys=200)).kv == task.kv
+    assert KVTask(KVScale(num_keys=200, map_seed=1)).kv != task.kv
+
+
+def test_split_is_20_percent_and_disjoint(task):
+    dc, held = task.split_keys(seed=0)
+    assert len(dc) == 40 and len(held) == 160
+    assert not set(dc) & set(held)
+    assert set(dc) | set(held) == set(task.kv)
+    assert task.split_keys(seed=1)[0] != dc
+    assert task.split_keys(seed=0)[0] == dc
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_composition_data_uses_only_dc_keys(task, variant):
+    dc, _ = task.split_keys(seed=3)
+    data = task.composition_data(variant, 100, dc, seed=3)
+    assert len({ex.prompt for ex in data}) == 100
+    for ex in data:
+        keys = re.findall(r"[a-z]+", ex.prompt)
+        assert set(keys) <= set(dc)
+
+
+def test_formats_and_results_are_exact(task):
+    _, held = task.split_keys(seed=0)
+    for e in task.sample_expressions(200, held, seed=0):
+        subs, num, kvm, both = task.kv_subs(e), task.num_math(e), task.kv_math(e), task.subs_math(e)
+        assert subs.prompt == kvm.prompt == both.prompt == task.key_string(e) + "="
+        expected_subs = re.sub(r"[a-z]+", lambda m: str(task.kv[m.group()]).zfill(3), subs.prompt)
+        assert subs.completion + "=" == expected_subs == num.prompt
+        true = _numeric(subs.completion)
+        assert num.answer == kvm.answer == both.answer == true >= 0
+        assert parse_result(num.completion) == parse_result(both.completion) == true
+        assert parse_subs(both.completion) == subs.completion
+        chunks = num.completion.split("|")
+        assert len(chunks) == len(e.keys) - 1 and all(len(c) == 3 for c in chunks)
+
+
+def test_random_numeric_expressions_are_correct(task):
+    rng = random.Random(0)
+    for _ in range(200):
+        ex = task.random_numeric_expression(rng)
+        assert parse_result(ex.completion) == _numeric(ex.prompt[:-1]) == ex.answer >= 0
+
+
+def test_parse_result_rejects_non_numbers():
+    assert parse_result("012+034=") is None
+    assert parse_result("640|1x0") is None
+    assert parse_result("640|140") == 41
+
+
+def test_bad_scale_raises():
+    with pytest.raises(ValueError, match="operators must"):
+        KVScale(operators="/")
+    with pytest.raises(ValueError, match="num_keys"):
+        KVScale(num_keys=2)
+    with pytest.raises(ValueError, match="variant"):
+        KVTask(KVScale(num_keys=20)).composition_data("bogus", 1, ["ab"], seed=0)
