@@ -1,0 +1,116 @@
+"""One composition block: projection, masked multi-head cross-attention, residual output.
+
+Shapes: B batch, T anchor (query) positions, S augmenting (key) positions, A augmenting width,
+D anchor width, H heads, Dh = D // H.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learned per-channel scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class CrossAttentionBlock(nn.Module):
+    """f_proj (A -> D), then cross-attention: queries from the anchor, keys/values from f_proj.
+
+    The block returns only the residual f_cross(f_proj(H_A), H_B); the caller adds it to H_B.
+    With init="zero" the output projection starts at zero, so the residual is exactly zero.
+    """
+
+    def __init__(
+        self,
+        aug_dim: int,
+        anchor_dim: int,
+        num_heads: int,
+        *,
+        init: str = "zero",
+        norm: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if anchor_dim % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must divide the anchor width {anchor_dim}; pick a divisor "
+                f"of {anchor_dim} in CALMConfig(num_heads=...)."
+            )
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.aug_norm = RMSNorm(aug_dim) if norm else nn.Identity()
+        self.proj = nn.Linear(aug_dim, anchor_dim)
+        self.query_norm = RMSNorm(anchor_dim) if norm else nn.Identity()
+        self.q = nn.Linear(anchor_dim, anchor_dim, bias=False)
+        self.k = nn.Linear(anchor_dim, anchor_dim, bias=False)
+        self.v = nn.Linear(anchor_dim, anchor_dim, bias=False)
+        self.o = nn.Linear(anchor_dim, anchor_dim, bias=False)
+        if init == "zero":
+            nn.init.zeros_(self.o.weight)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        return x.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, L, Dh)
+
+    def keys_values(self, aug_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, A) augmenting layer outputs -> keys and values, each (B, H, S, Dh)."""
+        x = self.proj(self.aug_norm(aug_states))  # (B, S, D)
+        return self._heads(self.k(x)), self._heads(self.v(x))
+
+    def forward(
+        self,
+        anchor_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        query_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, T, D) anchor states -> (B, T, D) residual.
+
+        mask: (B, 1, T, S) bool, True where query t may attend key s; every row has a True.
+        query_valid: (B, T, 1), 0 for rows that must get no residual (nothing to attend, padding).
+        """
+        B, T, D = anchor_states.shape
+        q = self._heads(self.q(self.query_norm(anchor_states)))  # (B, H, T, Dh)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, Dh)
+        out = self.o(out.transpose(1, 2).reshape(B, T, D))
+        return out * query_valid
+
+
+def attention_mask(
+    key_valid: torch.Tensor,
+    query_valid: torch.Tensor,
+    query_offset: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask shared by every block of one call, built once.
+
+    key_valid: (B, S) bool, real (non-padding) augmenting positions.
+    query_valid: (B, T) bool, real anchor positions.
+    query_offset: None for encoder mode (every real key visible); otherwise the causal rule of the
+        shared stream: query t sits at stream position query_offset + t and sees keys s <= it.
+    Returns the (B, 1, T, S) bool mask, with empty rows filled so SDPA never yields NaN, and the
+    (B, T, 1) multiplier that zeroes the residual of rows that had nothing to attend.
+    """
+    B, S = key_valid.shape
+    T = query_valid.shape[1]
+    mask = key_valid[:, None, None, :].expand(B, 1, T, S)
+    if query_offset is not None:
+        q_pos = torch.arange(query_offset, query_offset + T, device=key_valid.device)
+        k_pos = torch.arange(S, device=key_valid.device)
+        mask = mask & (k_pos[None, :] <= q_pos[:, None])
+    has_key = mask.any(-1)  # (B, 1, T)
+    rows = (has_key[:, 0] & query_valid)[..., None]  # (B, T, 1)
+    mask = mask | ~has_key[..., None]
+    return mask, rows

@@ -1,0 +1,161 @@
+"""The only module that knows Hugging Face internals: layer stacks, shapes, caches, identities."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from functools import cache
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+# Where the decoder-layer stack lives, for the architectures we test. Anything else is found
+# generically: the ModuleList whose length is the config's number of hidden layers.
+LAYER_PATHS = {
+    "LlamaForCausalLM": "model.layers",
+    "MistralForCausalLM": "model.layers",
+    "Qwen2ForCausalLM": "model.layers",
+    "Qwen3ForCausalLM": "model.layers",
+    "GemmaForCausalLM": "model.layers",
+    "Gemma2ForCausalLM": "model.layers",
+    "Gemma3ForCausalLM": "model.layers",
+    "Phi3ForCausalLM": "model.layers",
+    "GPT2LMHeadModel": "transformer.h",
+    "GPTNeoXForCausalLM": "gpt_neox.layers",
+    "OPTForCausalLM": "model.decoder.layers",
+}
+
+# Config attributes volatile across saves of the same model; left out of its config hash.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
+
+
+def check_causal_lm(model: object, role: str) -> None:
+    """Raise a clear error unless `model` is a Hugging Face causal LM."""
+    if not isinstance(model, PreTrainedModel) or not hasattr(model, "get_output_embeddings"):
+        raise TypeError(
+            f"The {role} must be a Hugging Face causal LM (a transformers PreTrainedModel such as "
+            f"AutoModelForCausalLM.from_pretrained(...)), got {type(model).__name__}."
+        )
+    if model.get_output_embeddings() is None:
+        raise TypeError(
+            f"The {role} ({type(model).__name__}) has no language-model head; load it with "
+            "AutoModelForCausalLM instead of AutoModel."
+        )
+
+
+def text_config(model: PreTrainedModel):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's stack of decoder layers, in order."""
+    name = type(model).__name__
+    path = LAYER_PATHS.get(name)
+    if path is not None:
+        return model.get_submodule(path)
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    candidates = [
+        m for m in model.modules() if isinstance(m, nn.ModuleList) and n is not None and len(m) == n
+    ]
+    if len(candidates) != 1:
+        raise TypeError(
+            f"Unsupported model {name}: looked for one nn.ModuleList of length "
+            f"config.num_hidden_layers={n} (the decoder layers) and found {len(candidates)}; add "
+            f"its layer path to calm.hf.LAYER_PATHS."
+        )
+    return candidates[0]
+
+
+def backbone(model: PreTrainedModel) -> nn.Module:
+    """The decoder without the language-model head (e.g. LlamaModel inside LlamaForCausalLM)."""
+    return model.base_model
+
+
+def hidden_size(model: PreTrainedModel) -> int:
+    config = text_config(model)
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise TypeError(f"Cannot find the hidden size of {type(model).__name__} in its config.")
+
+
+def num_attention_heads(model: PreTrainedModel) -> int:
+    config = text_config(model)
+    for key in ("num_attention_heads", "n_head"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise TypeError(f"Cannot find the number of attention heads of {type(model).__name__}.")
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    return model.get_input_embeddings().num_embeddings
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype
+
+
+@cache
+def _accepted_kwargs(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def accepts(module: nn.Module, kwarg: str) -> bool:
+    return kwarg in _accepted_kwargs(type(module))
+
+
+def cache_kwargs(module: nn.Module, cache) -> dict:
+    """Keyword arguments passing `cache` to a forward: `cache=` (transformers >= 5.2x) or the
+    older `past_key_values=`; none when `cache` is None."""
+    if cache is None:
+        return {"use_cache": False}
+    key = "cache" if accepts(module, "cache") else "past_key_values"
+    return {key: cache, "use_cache": True}
+
+
+def new_cache(model: PreTrainedModel) -> DynamicCache:
+    """A fresh, empty KV cache of the kind the model's own `generate` would use."""
+    return DynamicCache(config=model.config)
+
+
+def position_ids(attention_mask: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+    """Positions that skip left padding: the i-th real token gets position i.
+
+    attention_mask covers past and current tokens (B, past + T); returns (B, T).
+    """
+    pos = attention_mask.long().cumsum(-1) - 1
+    pos = pos.clamp(min=0)
+    return pos[:, past_length:]
+
+
+def model_identity(model: PreTrainedModel) -> dict[str, str]:
+    """Class, config hash and a weight fingerprint: tells apart two checkpoints of one architecture.
+
+    The fingerprint hashes a fixed sample of every parameter after rounding to bfloat16, so the same
+    checkpoint loaded in float32 or bfloat16 gets the same fingerprint.
+    """
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    config_hash = hashlib.sha256(
+        json.dumps(config, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel())).long()
+            sample = flat[idx.to(flat.device)].to(torch.bfloat16).float().cpu()
+            h.update(name.encode())
+            h.update(sample.numpy().tobytes())
+    return {
+        "class": type(model).__name__,
+        "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
+        "config_hash": config_hash,
+        "weights_fingerprint": h.hexdigest()[:16],
+    }

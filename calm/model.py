@@ -1,0 +1,559 @@
+"""CALM: a frozen anchor LM composed with frozen augmenting LMs through cross-attention blocks.
+
+Shapes: B batch, T tokens of this call, P tokens already cached, S augmenting positions,
+V anchor vocabulary. Layer indices are 0-based positions in each model's decoder-layer stack.
+
+The composition acts only inside `CALM.forward` and `CALM.generate`: forward hooks are registered
+for the duration of one call and removed in a `finally`, so the base models stay usable on their
+own, and several compositions can share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from calm import hf
+from calm.config import CALMConfig, Connection
+from calm.cross_attention import CrossAttentionBlock
+from calm.cross_attention import attention_mask as build_mask
+from calm.generation import check_sampling, next_token
+from calm.layer_map import default_connections
+
+AugStates = dict[tuple[int, int], torch.Tensor]  # (augment, aug_layer) -> (B, S, A)
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the last augmenting layer we need: the rest is never computed."""
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, hidden: torch.Tensor):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class CALM(nn.Module):
+    """Compose `anchor` with one or more `augments` (Hugging Face causal LMs), both frozen.
+
+    Only `self.blocks` (one `CrossAttentionBlock` per connection) trains.
+    """
+
+    def __init__(
+        self,
+        anchor: PreTrainedModel,
+        augments: PreTrainedModel | Sequence[PreTrainedModel],
+        config: CALMConfig | None = None,
+    ) -> None:
+        super().__init__()
+        config = config if config is not None else CALMConfig()
+        if not isinstance(config, CALMConfig):
+            raise TypeError(f"config must be a calm.CALMConfig, got {type(config).__name__}.")
+        hf.check_causal_lm(anchor, "anchor")
+        augs = list(augments) if isinstance(augments, (list, tuple, nn.ModuleList)) else [augments]
+        if not augs:
+            raise ValueError("Give at least one augmenting model.")
+        for i, aug in enumerate(augs):
+            hf.check_causal_lm(aug, f"augmenting model {i}")
+        self.config = config
+        self.anchor = anchor
+        self.augments = nn.ModuleList(augs)
+        # Plain tuples: the layers are already submodules of the base models.
+        self._anchor_layers = tuple(hf.decoder_layers(anchor))
+        self._aug_layers = tuple(tuple(hf.decoder_layers(a)) for a in augs)
+        self.connections = self._resolve_connections(config)
+        if config.mode == "causal":
+            self._check_vocabularies()
+
+        anchor_dim = hf.hidden_size(anchor)
+        num_heads = config.num_heads or hf.num_attention_heads(anchor)
+        if anchor_dim % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} does not divide the anchor width {anchor_dim}; set "
+                f"CALMConfig(num_heads=...) to a divisor of {anchor_dim}."
+            )
+        self.blocks = nn.ModuleList(
+            CrossAttentionBlock(
+                hf.hidden_size(augs[c.augment]),
+                anchor_dim,
+                num_heads,
+                init=config.init,
+                norm=config.norm,
+                dropout=config.dropout,
+            )
+            for c in self.connections
+        ).to(device=hf.model_device(anchor), dtype=getattr(torch, config.dtype))
+        # Which augmenting layers each augmenting model must expose, and the deepest of them.
+        self._aug_needed = tuple(
+            tuple(sorted({c.aug_layer for c in self.connections if c.augment == i}))
+            for i in range(len(augs))
+        )
+
+        self._base_state = [(p, p.requires_grad) for p in self._base_parameters()]
+        self._base_training = [(m, m.training) for m in (anchor, *augs)]
+        for p, _ in self._base_state:
+            p.requires_grad_(False)
+        self._freeze_modes()
+        self._disabled = False
+        self._removed = False
+
+    # ----------------------------------------------------------------------------- set-up
+
+    def _resolve_connections(self, config: CALMConfig) -> tuple[Connection, ...]:
+        n_anchor = len(self._anchor_layers)
+        if config.connections is None:
+            return tuple(
+                c
+                for i, layers in enumerate(self._aug_layers)
+                for c in default_connections(len(layers), n_anchor, config.every, i)
+            )
+        seen = set()
+        for c in config.connections:
+            if c.augment >= len(self._aug_layers):
+                raise ValueError(
+                    f"{c} names augmenting model {c.augment}, but only "
+                    f"{len(self._aug_layers)} were given (indices start at 0)."
+                )
+            if c.aug_layer >= len(self._aug_layers[c.augment]):
+                raise ValueError(
+                    f"{c}: aug_layer must be < {len(self._aug_layers[c.augment])}, the number of "
+                    f"decoder layers of augmenting model {c.augment}."
+                )
+            if c.anchor_layer >= n_anchor:
+                raise ValueError(
+                    f"{c}: anchor_layer must be < {n_anchor}, the number of anchor decoder layers."
+                )
+            if c in seen:
+                raise ValueError(f"{c} appears twice in connections; list each connection once.")
+            seen.add(c)
+        return tuple(config.connections)
+
+    def _check_vocabularies(self) -> None:
+        anchor_vocab = hf.vocab_size(self.anchor)
+        for i, aug in enumerate(self.augments):
+            if hf.vocab_size(aug) != anchor_vocab:
+                raise ValueError(
+                    f"Causal mode feeds the same token ids to both models, but the anchor's "
+                    f"vocabulary has {anchor_vocab} entries and augmenting model {i}'s has "
+                    f"{hf.vocab_size(aug)}; use models that share a tokenizer, or "
+                    f'CALMConfig(mode="encoder") with aug_input_ids.'
+                )
+
+    def _base_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.anchor.parameters()
+        for aug in self.augments:
+            yield from aug.parameters()
+
+    def _freeze_modes(self) -> None:
+        self.anchor.eval()
+        for aug in self.augments:
+            aug.eval()
+
+    def train(self, mode: bool = True) -> CALM:
+        """Set the blocks' mode; the frozen base models always stay in eval mode."""
+        super().train(mode)
+        self._freeze_modes()
+        return self
+
+    # ----------------------------------------------------------------------------- public API
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The composition parameters: everything in `self.blocks`, nothing else."""
+        return list(self.blocks.parameters())
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    @contextlib.contextmanager
+    def disable_composition(self) -> Iterator[None]:
+        """Within this context, `forward` and `generate` give exactly the anchor's outputs."""
+        previous = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    def remove(self) -> PreTrainedModel:
+        """Detach the composition: restore the base models' requires_grad flags and train/eval
+        modes as they were before composing, and return the anchor."""
+        for p, flag in self._base_state:
+            p.requires_grad_(flag)
+        for m, training in self._base_training:
+            m.train(training)
+        self._removed = True
+        return self.anchor
+
+    def save_pretrained(self, directory) -> None:
+        """Write only the composition: `composition.safetensors` and `calm_config.json`."""
+        from calm.checkpoint import save_composition
+
+        save_composition(self, directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory,
+        anchor: PreTrainedModel,
+        augments: PreTrainedModel | Sequence[PreTrainedModel],
+        *,
+        check_base_models: bool = True,
+    ) -> CALM:
+        """Rebuild a saved composition on top of `anchor` and `augments`.
+
+        Refuses base models whose class, config or weights differ from those it was trained on,
+        unless `check_base_models=False`.
+        """
+        from calm.checkpoint import load_composition
+
+        return load_composition(cls, directory, anchor, augments, check_base_models)
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise RuntimeError("This composition was removed; build a new calm.CALM to compose.")
+
+    def _check_ids(self, name: str, ids: torch.Tensor, device: torch.device) -> None:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise TypeError(f"{name} must be a 2-D tensor of token ids (batch, length).")
+        if ids.device != device:
+            raise ValueError(
+                f"{name} is on {ids.device} but the model that reads it is on {device}; "
+                f"move it with .to({str(device)!r})."
+            )
+
+    def _aug_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        aug_input_ids,
+        aug_attention_mask,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per augmenting model: the ids it reads and their mask."""
+        if self.config.mode == "causal":
+            return [(input_ids, attention_mask)] * len(self.augments)
+        if aug_input_ids is None:
+            raise ValueError(
+                "Encoder mode needs aug_input_ids (the prompt the augmenting models read); pass "
+                'them, or use CALMConfig(mode="causal").'
+            )
+        ids = aug_input_ids if isinstance(aug_input_ids, (list, tuple)) else [aug_input_ids]
+        masks = (
+            aug_attention_mask
+            if isinstance(aug_attention_mask, (list, tuple))
+            else [aug_attention_mask] * len(ids)
+        )
+        if len(ids) == 1:
+            ids, masks = ids * len(self.augments), masks * len(self.augments)
+        if len(ids) != len(self.augments):
+            raise ValueError(
+                f"Got {len(ids)} aug_input_ids tensors for {len(self.augments)} augmenting models; "
+                "give one tensor (shared) or one per augmenting model."
+            )
+        out = []
+        for x, m in zip(ids, masks):
+            self._check_ids("aug_input_ids", x, x.device)
+            out.append((x, torch.ones_like(x) if m is None else m))
+        return out
+
+    def _run_augment(
+        self,
+        index: int,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache=None,
+        past_length: int = 0,
+    ) -> AugStates:
+        """Run augmenting model `index` up to its deepest connected layer; no LM head, no grads."""
+        aug = self.augments[index]
+        device = hf.model_device(aug)
+        layers = self._aug_layers[index]
+        needed = self._aug_needed[index]
+        if not needed:
+            return {}
+        captured: AugStates = {}
+
+        def capture(layer: int):
+            def hook(module, args, output):
+                captured[(index, layer)] = _hidden(output)
+                if layer == needed[-1]:
+                    raise _StopForward
+
+            return hook
+
+        handles = [layers[i].register_forward_hook(capture(i)) for i in needed]
+        attention_mask = attention_mask.to(device)
+        kwargs = dict(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask,
+            position_ids=hf.position_ids(attention_mask, past_length),
+            **hf.cache_kwargs(hf.backbone(aug), cache),
+        )
+        try:
+            with torch.no_grad():
+                hf.backbone(aug)(**kwargs)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+    def augment_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        aug_input_ids=None,
+        aug_attention_mask=None,
+    ) -> AugStates:
+        """The connected augmenting layers' outputs, {(augment, aug_layer): (B, S, A)}.
+
+        They depend only on the frozen augmenting models and the input, so a training loop may
+        compute them once and pass them back as `forward(..., aug_states=...)`.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        states: AugStates = {}
+        inputs = self._aug_inputs(input_ids, attention_mask, aug_input_ids, aug_attention_mask)
+        for i, (ids, mask) in enumerate(inputs):
+            states.update(self._run_augment(i, ids, mask))
+        return states
+
+    def _masks(
+        self, key_masks: list[torch.Tensor], query_mask: torch.Tensor, past_length: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mask, rows) per augmenting model, for queries at stream positions past_length + t.
+
+        key_masks[i]: (B, S_i) padding mask of what augmenting model i has read (past included);
+        query_mask: (B, P + T) anchor padding mask (past included).
+        """
+        device = query_mask.device
+        query_valid = query_mask[:, past_length:].bool()
+        offset = past_length if self.config.mode == "causal" else None
+        built: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out = []
+        for key_mask in key_masks:
+            if id(key_mask) not in built:  # causal mode: one mask shared by every block
+                built[id(key_mask)] = build_mask(key_mask.to(device).bool(), query_valid, offset)
+            out.append(built[id(key_mask)])
+        return out
+
+    def _keys_values(self, states: AugStates) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        device = hf.model_device(self.anchor)
+        dtype = getattr(torch, self.config.dtype)
+        return [
+            block.keys_values(states[(c.augment, c.aug_layer)].to(device=device, dtype=dtype))
+            for c, block in zip(self.connections, self.blocks)
+        ]
+
+    @contextlib.contextmanager
+    def _composed(self, kv, masks) -> Iterator[None]:
+        """Hooks that add each block's residual to its anchor layer's output, for one call.
+
+        kv[j]: keys and values of connection j; masks[i]: (mask, rows) for augmenting model i.
+        """
+        by_layer: dict[int, list[int]] = {}
+        for j, c in enumerate(self.connections):
+            by_layer.setdefault(c.anchor_layer, []).append(j)
+        dtype = getattr(torch, self.config.dtype)
+
+        def add_residual(block_ids: list[int]):
+            def hook(module, args, output):
+                h = _hidden(output)  # (B, T, D)
+                x = h.to(dtype)
+                delta = sum(
+                    self.blocks[j](x, *kv[j], *masks[self.connections[j].augment])
+                    for j in block_ids
+                )
+                return _replace_hidden(output, h + delta.to(h.dtype))
+
+            return hook
+
+        handles = [
+            self._anchor_layers[layer].register_forward_hook(add_residual(ids))
+            for layer, ids in by_layer.items()
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _anchor_call(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_length: int = 0,
+        cache=None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=hf.position_ids(attention_mask, past_length),
+            **hf.cache_kwargs(self.anchor, cache),
+        )
+        if last_only and hf.accepts(self.anchor, "logits_to_keep"):
+            kwargs["logits_to_keep"] = 1
+        logits = self.anchor(**kwargs).logits
+        return logits[:, -1] if last_only else logits
+
+    # ----------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        aug_input_ids=None,
+        aug_attention_mask=None,
+        aug_states: AugStates | None = None,
+    ) -> CausalLMOutputWithPast:
+        """Composed logits (B, T, V), and the mean next-token loss when `labels` are given
+        (Hugging Face convention: labels are the inputs, shifted inside; -100 is ignored)."""
+        self._check_live()
+        device = hf.model_device(self.anchor)
+        self._check_ids("input_ids", input_ids, device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self._disabled:
+            logits = self._anchor_call(input_ids, attention_mask)
+        else:
+            inputs = self._aug_inputs(input_ids, attention_mask, aug_input_ids, aug_attention_mask)
+            if aug_states is None:
+                aug_states = {}
+                for i, (ids, mask) in enumerate(inputs):
+                    aug_states.update(self._run_augment(i, ids, mask))
+            masks = self._masks([m for _, m in inputs], attention_mask, 0)
+            with self._composed(self._keys_values(aug_states), masks):
+                logits = self._anchor_call(input_ids, attention_mask)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    # ----------------------------------------------------------------------------- generate
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        aug_input_ids=None,
+        aug_attention_mask=None,
+        generator: torch.Generator | None = None,
+        streamer=None,
+    ) -> torch.Tensor:
+        """Prompt + up to `max_new_tokens` new tokens, (B, T + new), like Hugging Face.
+
+        The anchor and every augmenting model keep their own KV cache, and each block keeps the
+        keys/values of the augmenting states seen so far; each step feeds the new token to every
+        model once. Finished rows are filled with `pad_token_id`. Left-padded batches work.
+        `streamer` (optional) gets `put(tokens)` after each step and `end()` at the end.
+        """
+        self._check_live()
+        device = hf.model_device(self.anchor)
+        self._check_ids("input_ids", input_ids, device)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}.")
+        if do_sample:
+            check_sampling(temperature, top_k, top_p)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        gen_config = getattr(self.anchor, "generation_config", None)
+        if eos_token_id is None and gen_config is not None:
+            eos_token_id = gen_config.eos_token_id
+        eos = torch.tensor(
+            []
+            if eos_token_id is None
+            else [eos_token_id]
+            if isinstance(eos_token_id, int)
+            else list(eos_token_id),
+            dtype=torch.long,
+            device=device,
+        )
+        if pad_token_id is None:
+            pad_token_id = getattr(gen_config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = int(eos[0]) if len(eos) else 0
+
+        composed = not self._disabled
+        causal = self.config.mode == "causal"
+        anchor_cache = hf.new_cache(self.anchor)
+        aug_caches = [hf.new_cache(a) for a in self.augments] if causal else None
+        kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        key_masks = None
+        if composed and not causal:
+            inputs = self._aug_inputs(input_ids, attention_mask, aug_input_ids, aug_attention_mask)
+            states: AugStates = {}
+            for i, (ids, mask) in enumerate(inputs):
+                states.update(self._run_augment(i, ids, mask))
+            kv = self._keys_values(states)
+            key_masks = [m for _, m in inputs]
+
+        out = input_ids
+        mask = attention_mask
+        step_ids = input_ids
+        past = 0
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            if composed:
+                if causal:
+                    states = {}
+                    for i in range(len(self.augments)):
+                        states.update(self._run_augment(i, step_ids, mask, aug_caches[i], past))
+                    new_kv = self._keys_values(states)
+                    kv = (
+                        new_kv
+                        if kv is None
+                        else [
+                            (torch.cat([k, nk], 2), torch.cat([v, nv], 2))
+                            for (k, v), (nk, nv) in zip(kv, new_kv)
+                        ]
+                    )
+                    key_masks = [mask] * len(self.augments)
+                with self._composed(kv, self._masks(key_masks, mask, past)):
+                    logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)
+            else:
+                logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)
+            token = next_token(
+                logits,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+            )
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            finished |= torch.isin(token, eos)
+            out = torch.cat([out, token[:, None]], 1)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            past += step_ids.shape[1]
+            step_ids = token[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if finished.all():
+                break
+        if streamer is not None:
+            streamer.end()
+        return out
