@@ -222,10 +222,11 @@ class CALM(nn.Module):
         if self._removed:
             raise RuntimeError("This composition was removed; build a new calm.CALM to compose.")
 
-    def _check_ids(self, name: str, ids: torch.Tensor, device: torch.device) -> None:
+    def _check_ids(self, name: str, ids: torch.Tensor, device: torch.device | None) -> None:
+        """2-D ids on `device` (None: any device; augmenting inputs are moved to their model)."""
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             raise TypeError(f"{name} must be a 2-D tensor of token ids (batch, length).")
-        if ids.device != device:
+        if device is not None and ids.device != device:
             raise ValueError(
                 f"{name} is on {ids.device} but the model that reads it is on {device}; "
                 f"move it with .to({str(device)!r})."
@@ -261,7 +262,7 @@ class CALM(nn.Module):
             )
         out = []
         for x, m in zip(ids, masks):
-            self._check_ids("aug_input_ids", x, x.device)
+            self._check_ids("aug_input_ids", x, None)
             out.append((x, torch.ones_like(x) if m is None else m))
         return out
 
