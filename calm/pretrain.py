@@ -158,17 +158,28 @@ def complete(
     prompts: Sequence[str],
     max_new_tokens: int,
     batch_size: int = 256,
+    encoder: bool = False,
 ) -> list[str]:
-    """Greedy completions of `prompts` (left-padded batches), decoded up to EOS."""
+    """Greedy completions of `prompts` (left-padded batches), decoded up to EOS.
+
+    `encoder`: `model` is a CALM in encoder mode; its augmenting models read the prompt only.
+    """
     was_training = model.training
     model.eval()
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
             batch = tokenizer(list(prompts[i : i + batch_size]), padding=True, return_tensors="pt")
+            aug = {}
+            if encoder:
+                aug = {
+                    "aug_input_ids": batch["input_ids"],
+                    "aug_attention_mask": batch["attention_mask"],
+                }
             ids = model.generate(
-                batch["input_ids"],
+                input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
+                **aug,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,

@@ -1,0 +1,410 @@
+"""Reproduce the paper's key-value arithmetic experiment (Table 1, with Table 5 analogues).
+
+mB (the anchor: numeric arithmetic) is composed with mA (the augmenting model: a memorized
+key-value map). The composition trains on D_C, examples over 20% of the keys, and is evaluated on
+expressions over the other 80%. The composition training loop lives here (small and plain): it
+caches the frozen augmenting states of D_C once and trains only the composition parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from calm.config import CALMConfig
+from calm.model import CALM
+from calm.pretrain import (
+    ModelShape,
+    PretrainConfig,
+    build_model,
+    complete,
+    encode_examples,
+    pretrain,
+)
+from calm.tasks.kv import VARIANTS, Example, KVScale, KVTask, parse_result, parse_subs
+
+ASSETS = Path(__file__).parent / "assets" / "kv"
+TASKS = ("kv_subs", "num_math", "kv_math")
+ABLATIONS = ("vanilla_mA", "random_mA", "encoder", "lora")
+# Table 1 and Table 5 of the paper (accuracy as a fraction); Table 5 has no key-value rows.
+PAPER = {
+    "mA": {"kv_subs": 0.981, "num_math": 0.042, "kv_math": 0.007},
+    "mB": {"kv_subs": 0.0, "num_math": 0.737, "kv_math": 0.0},
+    "calm": {"kv_subs": 0.929, "num_math": 0.720, "kv_math": 0.843},
+}
+# The recipes of the shipped base models (`calm pretrain kv ...` with these settings).
+BASE_RECIPES = {
+    "mA": PretrainConfig(model="mA", max_steps=3000, batch_size=64),
+    "mB": PretrainConfig(model="mB", max_steps=6000, batch_size=128),
+    "vanilla_mA": PretrainConfig(model="vanilla_mA", max_steps=3000, batch_size=64),
+}
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """One run of `calm reproduce kv`."""
+
+    out_dir: str = "runs/kv"
+    seed: int = 0
+    variant: str = "subs_math"
+    all_variants: bool = False
+    ablations: bool = False
+    bases_dir: str | None = None
+    dc_size: int = 4000
+    steps: int = 600
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    every: int = 2
+    eval_size: int = 300
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"Unknown D_C variant {self.variant!r}; choose one of {VARIANTS}.")
+        if min(self.dc_size, self.steps, self.batch_size, self.eval_size) < 1:
+            raise ValueError("dc_size, steps, batch_size and eval_size must be positive.")
+
+    @classmethod
+    def quick(cls, **overrides) -> ReproduceConfig:
+        """A few-minute smoke run: fewer steps, smaller evaluation sets."""
+        return replace(cls(dc_size=1000, steps=150, eval_size=60), **overrides)
+
+
+# --- base models ---------------------------------------------------------------------------
+
+
+@dataclass
+class Bases:
+    """The shared tokenizer, the base models and the task they were trained on."""
+
+    tokenizer: PreTrainedTokenizerFast
+    models: dict[str, LlamaForCausalLM]
+    scale: KVScale
+    shape: ModelShape
+    info: dict[str, dict]
+
+
+def load_bases(directory: str | Path | None = None) -> Bases:
+    """Load mA, mB and vanilla_mA (and their tokenizer) from `directory` (default: shipped)."""
+    root = Path(directory) if directory is not None else ASSETS
+    if not (root / "mA" / "pretrain.json").exists():
+        raise FileNotFoundError(f"No key-value base models under {root}; run `calm pretrain`.")
+    info = {}
+    models = {}
+    for name in ("mA", "mB", "vanilla_mA"):
+        path = root / name
+        if (path / "pretrain.json").exists():
+            info[name] = json.loads((path / "pretrain.json").read_text())
+            models[name] = LlamaForCausalLM.from_pretrained(path).eval()
+    cfg = info["mA"]["config"]
+    tokenizer = AutoTokenizer.from_pretrained(root / "mA")
+    return Bases(tokenizer, models, KVScale(**cfg["scale"]), ModelShape(**cfg["shape"]), info)
+
+
+def pretrain_bases(out_dir: Path, quick: bool = False) -> None:
+    """Retrain the three base models with `BASE_RECIPES` (for `--from-scratch`)."""
+    for name, recipe in BASE_RECIPES.items():
+        steps = min(recipe.max_steps, 100) if quick else recipe.max_steps
+        pretrain(replace(recipe, out_dir=str(out_dir / name), max_steps=steps, threads=2))
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+
+def eval_sets(task: KVTask, keys: list[str], n: int, seed: int) -> dict[str, list[Example]]:
+    """The same `n` expressions over `keys` as KV-SUBS, NUM-MATH and KV-MATH examples."""
+    exprs = task.sample_expressions(n, keys, f"eval-{seed}")
+    return {t: [getattr(task, t)(e) for e in exprs] for t in TASKS}
+
+
+def _correct(task: str, completion: str, ex: Example) -> bool:
+    if task == "kv_subs":
+        return parse_subs(completion) == ex.completion
+    return parse_result(completion) == ex.answer
+
+
+def evaluate(model, tokenizer, sets: dict[str, list[Example]], encoder: bool = False) -> dict:
+    """Accuracy of greedy decoding on each set (KV-SUBS: the text before the first '=' equals
+    the substitution; NUM-MATH and KV-MATH: the final number equals the result)."""
+    longest = {name: max(len(ex.completion) for ex in exs) for name, exs in sets.items()}
+    max_new = longest["kv_subs"] + longest["num_math"] + 2  # room for "subs=scratchpad" + EOS
+    scores = {}
+    for name, examples in sets.items():
+        got = complete(model, tokenizer, [ex.prompt for ex in examples], max_new, encoder=encoder)
+        hits = sum(_correct(name, g, ex) for g, ex in zip(got, examples, strict=True))
+        scores[name] = hits / len(examples)
+    return scores
+
+
+# --- composition training ------------------------------------------------------------------
+
+
+def _lr(step: int, cfg: ReproduceConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_on(
+    model,
+    parameters: Sequence[torch.nn.Parameter],
+    tokenizer: PreTrainedTokenizerFast,
+    data: Sequence[Example],
+    cfg: ReproduceConfig,
+    desc: str,
+    encoder: bool = False,
+) -> list[float]:
+    """Train `parameters` of `model` (a CALM or a LoRA-wrapped mB) on `data`; returns losses.
+
+    For a causal CALM the frozen augmenting states of the whole of `data` are computed once.
+    """
+    input_ids, mask, labels = encode_examples(tokenizer, data)  # (N, T) each
+    extra: dict[str, torch.Tensor] = {}
+    states = None
+    if isinstance(model, CALM) and encoder:
+        prompts = tokenizer([ex.prompt for ex in data], padding=True, return_tensors="pt")
+        extra = {
+            "aug_input_ids": prompts["input_ids"],
+            "aug_attention_mask": prompts["attention_mask"],
+        }
+    elif isinstance(model, CALM):
+        with torch.no_grad():
+            chunks = [
+                model.augment_states(input_ids[i : i + 512], mask[i : i + 512])
+                for i in range(0, len(data), 512)
+            ]
+        states = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(data), generator=generator)
+    pos, losses = 0, []
+    model.train()
+    bar = tqdm(range(cfg.steps), desc=desc, leave=False, mininterval=2.0)
+    for step in bar:
+        if pos + cfg.batch_size > len(order):
+            order, pos = torch.randperm(len(data), generator=generator), 0
+        idx = order[pos : pos + cfg.batch_size]
+        pos += cfg.batch_size
+        kwargs = {k: v[idx] for k, v in extra.items()}
+        if states is not None:
+            kwargs["aug_states"] = {k: v[idx] for k, v in states.items()}
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, cfg)
+        loss = model(
+            input_ids=input_ids[idx], attention_mask=mask[idx], labels=labels[idx], **kwargs
+        ).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def _lora_model(mB, target: int):
+    """mB wrapped with LoRA on every linear layer, rank chosen to match `target` parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    per_rank = sum(
+        m.in_features + m.out_features
+        for name, m in mB.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in modules
+    )
+    rank = max(1, round(target / per_rank))
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, lora_dropout=0.0)
+    return get_peft_model(copy.deepcopy(mB), config), rank
+
+
+# --- the experiment ------------------------------------------------------------------------
+
+
+def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print) -> dict:
+    """Run the experiment; write results.json, results.md and results.png to `cfg.out_dir`."""
+    torch.set_num_threads(cfg.threads)
+    start = time.time()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bases = bases if bases is not None else load_bases(cfg.bases_dir)
+    tok, mA, mB = bases.tokenizer, bases.models["mA"], bases.models["mB"]
+    task = KVTask(bases.scale)
+    dc_keys, held_keys = task.split_keys(cfg.seed)
+    sets = eval_sets(task, held_keys, cfg.eval_size, cfg.seed)
+    log(
+        f"scale: {bases.scale.num_keys} keys, {bases.scale.max_operands} keys per expression, "
+        f"'{bases.scale.operators}'; D_C over {len(dc_keys)} keys; "
+        f"evaluating {cfg.eval_size} expressions over the other {len(held_keys)}"
+    )
+    rows: dict[str, dict] = {}
+    extra: dict[str, dict] = {}
+
+    def record(name: str, t0: float, scores: dict, **info) -> None:
+        rows[name] = {**{k: round(v, 4) for k, v in scores.items()}, "seconds": 0.0}
+        rows[name]["seconds"] = round(time.time() - t0, 1)
+        rows[name].update(info)
+        accs = "  ".join(f"{k} {100 * scores[k]:5.1f}%" for k in TASKS)
+        log(f"{name:>16}: {accs}  ({rows[name]['seconds']:.0f} s)")
+
+    for name, model in (("mA", mA), ("mB", mB)):
+        t0 = time.time()
+        record(name, t0, evaluate(model, tok, sets))
+
+    def compose(aug, variant: str, mode: str = "causal", seed: int = cfg.seed) -> tuple[dict, int]:
+        torch.manual_seed(seed)
+        model = CALM(mB, aug, CALMConfig(every=cfg.every, mode=mode))
+        data = task.composition_data(variant, cfg.dc_size, dc_keys, cfg.seed)
+        losses = train_on(
+            model,
+            model.trainable_parameters(),
+            tok,
+            data,
+            cfg,
+            desc=f"compose ({variant}, {mode})",
+            encoder=mode == "encoder",
+        )
+        scores = evaluate(model, tok, sets, encoder=mode == "encoder")
+        n = model.num_trainable_parameters()
+        model.remove()
+        return {**scores, "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4)}, n
+
+    variants = VARIANTS if cfg.all_variants else (cfg.variant,)
+    calm_params = 0
+    for variant in variants:
+        t0 = time.time()
+        scores, calm_params = compose(mA, variant)
+        loss = scores.pop("final_loss")
+        record(f"calm_{variant}", t0, scores, variant=variant, final_loss=loss)
+    rows["calm"] = dict(rows[f"calm_{cfg.variant}"])
+    if not cfg.all_variants:
+        del rows[f"calm_{cfg.variant}"]
+    extra["calm_parameters"] = calm_params
+
+    if cfg.ablations:
+        ablation_augs = {
+            "vanilla_mA": bases.models.get("vanilla_mA"),
+            "random_mA": build_model(tok, bases.shape, seed=1000 + cfg.seed).eval(),
+        }
+        for name, aug in ablation_augs.items():
+            if aug is None:
+                raise FileNotFoundError("The vanilla mA base model is missing from the bases.")
+            t0 = time.time()
+            scores, _ = compose(aug, cfg.variant)
+            loss = scores.pop("final_loss")
+            record(name, t0, scores, variant=cfg.variant, final_loss=loss)
+        t0 = time.time()
+        scores, _ = compose(mA, cfg.variant, mode="encoder")
+        loss = scores.pop("final_loss")
+        record("encoder", t0, scores, variant=cfg.variant, final_loss=loss)
+
+        t0 = time.time()
+        torch.manual_seed(cfg.seed)
+        lora, rank = _lora_model(mB, calm_params)
+        params = [p for p in lora.parameters() if p.requires_grad]
+        data = task.composition_data(cfg.variant, cfg.dc_size, dc_keys, cfg.seed)
+        losses = train_on(lora, params, tok, data, cfg, desc=f"LoRA r={rank} on mB")
+        scores = evaluate(lora, tok, sets)
+        record(
+            "lora",
+            t0,
+            scores,
+            variant=cfg.variant,
+            rank=rank,
+            parameters=sum(p.numel() for p in params),
+            final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
+        )
+
+    results = {
+        "rows": rows,
+        "paper": PAPER,
+        "variant": cfg.variant,
+        "scale": bases.scale.to_dict(),
+        "dc_keys": len(dc_keys),
+        "held_out_keys": len(held_keys),
+        "seed": cfg.seed,
+        "config": asdict(cfg),
+        "bases": {
+            k: {x: v[x] for x in ("steps", "seconds", "gate_accuracy")}
+            for k, v in bases.info.items()
+        },
+        **extra,
+        "seconds": round(time.time() - start, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown(results))
+    plot(results, out / "results.png")
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    """Table 1 shaped: rows are models, columns are data sets, paper numbers beside ours."""
+    names = {"kv_subs": "KV-SUBS", "num_math": "NUM-MATH", "kv_math": "KV-MATH"}
+    head = "| row | " + " | ".join(f"{names[t]} ours | {names[t]} paper" for t in TASKS)
+    lines = [
+        f"# Key-value arithmetic (seed {results['seed']}, D_C variant `{results['variant']}`)",
+        "",
+        head + " | seconds |",
+        "|---" * (2 + 2 * len(TASKS)) + "|",
+    ]
+    for name, row in results["rows"].items():
+        paper = results["paper"].get(name, {})
+        cells = []
+        for t in TASKS:
+            cells.append(f"{100 * row[t]:.1f}")
+            cells.append(f"{100 * paper[t]:.1f}" if t in paper else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['seconds']:.0f} |")
+    s = results["scale"]
+    lines += [
+        "",
+        f"Scale: {s['num_keys']} keys, {s['max_operands']} keys per expression, operators "
+        f"`{s['operators']}`; D_C spans {results['dc_keys']} keys, evaluation uses expressions "
+        f"over the other {results['held_out_keys']}. Total {results['seconds']:.0f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """A grouped bar chart: one group per data set, one bar per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.3 * len(rows), 3.6))
+    for i, (name, row) in enumerate(rows.items()):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(TASKS))]
+        ax.bar(xs, [100 * row[t] for t in TASKS], width, label=name)
+    ax.set_xticks(range(len(TASKS)), ["KV-SUBS", "NUM-MATH", "KV-MATH"])
+    ax.set_ylabel("accuracy on held-out keys (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"CALM key-value arithmetic (D_C: {results['variant']}, seed {results['seed']})")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = [
+    "ABLATIONS",
+    "BASE_RECIPES",
+    "ReproduceConfig",
+    "load_bases",
+    "pretrain_bases",
+    "run_reproduction",
+]

@@ -1,0 +1,82 @@
+"""The base-model pretraining loop, the shared tokenizer and the shipped key-value models."""
+
+import json
+
+import pytest
+import torch
+
+from calm.pretrain import (
+    ModelShape,
+    PretrainConfig,
+    build_tokenizer,
+    encode_examples,
+    eval_examples,
+    exact_match,
+    pretrain,
+)
+from calm.tasks.kv import Example, KVScale, KVTask
+
+MICRO = KVScale(num_keys=20, max_key_len=3)
+TINY = ModelShape(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+def test_tokenizer_is_one_token_per_character():
+    tok = build_tokenizer()
+    ids = tok("ab+012=640|1")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 13
+    assert tok.decode(ids, skip_special_tokens=True) == "ab+012=640|1"
+    assert tok.unk_token_id not in ids
+
+
+def test_labels_cover_only_the_completion_and_eos():
+    tok = build_tokenizer()
+    ids, mask, labels = encode_examples(tok, [Example("ab=", "01"), Example("abc+de=", "02+03")])
+    assert ids.shape == mask.shape == labels.shape == (2, 14)
+    assert labels[0].tolist()[:4] == [-100] * 4  # BOS + "ab="
+    assert tok.decode(labels[0][4:6]) == "01" and labels[0][6] == tok.eos_token_id
+    assert (labels[0][7:] == -100).all() and mask[0].sum() == 7
+
+
+def test_gate_set_is_never_trained_on():
+    task = KVTask(MICRO)
+    gate = {ex.prompt for ex in eval_examples(task, "mB", 50)}
+    assert len(gate) == 50
+
+
+def test_bad_model_name_raises():
+    with pytest.raises(ValueError, match="Unknown base model"):
+        PretrainConfig(model="mC")
+
+
+def test_micro_pretrain_writes_model_and_resumes(tmp_path):
+    cfg = PretrainConfig(
+        model="mA",
+        out_dir=str(tmp_path),
+        scale=MICRO,
+        shape=TINY,
+        max_steps=6,
+        batch_size=8,
+        eval_every=3,
+        eval_size=8,
+        save_every=3,
+        warmup_steps=2,
+    )
+    summary = pretrain(cfg, verbose=False)
+    assert summary["steps"] == 6
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "pretrain.json"):
+        assert (tmp_path / name).exists()
+    assert json.loads((tmp_path / "pretrain.json").read_text())["model"] == "mA"
+    again = pretrain(cfg, verbose=False)  # resumes at step 6: nothing left to train
+    assert again["steps"] == 6
+
+
+@pytest.mark.slow
+def test_shipped_models_meet_their_gates():
+    from calm.kv_reproduce import load_bases
+
+    torch.manual_seed(0)
+    bases = load_bases()
+    task = KVTask(bases.scale)
+    for name, gate in (("mA", 0.95), ("mB", 0.85)):
+        sample = eval_examples(task, name, 100)
+        assert exact_match(bases.models[name], bases.tokenizer, sample) >= gate - 0.03
