@@ -1,0 +1,84 @@
+"""How the benchmarks measure: interleaved wall-clock repetitions and peak live tensor memory.
+
+Timing: the functions under comparison run in turn, rep after rep (A B C A B C ...), so a load
+change on a shared machine hits all of them alike; we keep per-rep times and report medians and
+the median of the per-rep ratios.
+
+Memory: `PeakTensorMemory` counts the bytes of every tensor storage created by an ATen operation
+while it is active (activations, gradients, temporaries, autograd's saved tensors), and releases
+them when the storage is freed. Its peak is the most such memory alive at once. Storages that
+existed before (weights, optimizer state after the first step) are not counted. Process RSS and
+`tracemalloc` are unusable for this: RSS keeps freed pages and counts the torch libraries, and
+`tracemalloc` does not see torch's allocator.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1):
+    """{name: [seconds per rep]} for functions timed in turn, after `warmup` untimed rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over reps of num[i] / den[i]: the two were measured next to each other."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Within `with PeakTensorMemory() as m:`, m.peak is the most bytes of new CPU tensor storage
+    alive at once, and m.live the bytes still alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+
+def peak_memory(step: Callable[[], object], warmup: int = 1) -> int:
+    """Peak bytes of new tensor memory during one call of `step`, after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    with PeakTensorMemory() as m:
+        step()
+    return m.peak

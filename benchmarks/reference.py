@@ -1,0 +1,134 @@
+"""The least work the method needs, written with plain torch: the bound CALM is measured against.
+
+Shapes: B batch, T tokens, A augmenting width, D anchor width, H heads, Dh = D // H, V vocabulary.
+Works on Llama-style Hugging Face models (decoder layers called directly, no HF model forward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import transformers as T
+from torch import nn
+
+from calm import hf
+
+
+def llama(vocab: int, width: int, layers: int, heads: int, seed: int) -> T.LlamaForCausalLM:
+    """A random Llama causal LM in eval mode (float32, SDPA attention)."""
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return T.LlamaForCausalLM(config).eval()
+
+
+class Block(nn.Module):
+    """One plain projection + q/k/v/o + causal SDPA: the composition block without extras."""
+
+    def __init__(self, aug_dim: int, anchor_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.proj = nn.Linear(aug_dim, anchor_dim)
+        self.q = nn.Linear(anchor_dim, anchor_dim, bias=False)
+        self.k = nn.Linear(anchor_dim, anchor_dim, bias=False)
+        self.v = nn.Linear(anchor_dim, anchor_dim, bias=False)
+        self.o = nn.Linear(anchor_dim, anchor_dim, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        return x.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, L, Dh)
+
+    def forward(self, h: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
+        B, L, D = h.shape
+        x = self.proj(aug)  # (B, T, D)
+        out = F.scaled_dot_product_attention(
+            self._heads(self.q(h)), self._heads(self.k(x)), self._heads(self.v(x)), is_causal=True
+        )  # (B, H, T, Dh)
+        return self.o(out.transpose(1, 2).reshape(B, L, D))
+
+
+class ReferenceStep:
+    """One training step of the composition: augmenting layers up to the deepest connected one
+    under no_grad (no LM head), anchor layers with the blocks' residuals, loss, backward that
+    stops at the first connection (nothing below it needs a gradient), AdamW on the blocks."""
+
+    def __init__(self, anchor, aug, connections, blocks: nn.ModuleList, lr: float = 1e-4):
+        self.anchor, self.aug = anchor, aug
+        self.connections = connections  # Connection(anchor_layer, aug_layer), one per block
+        self.blocks = blocks
+        self.aug_layers = hf.decoder_layers(aug)[: max(c.aug_layer for c in connections) + 1]
+        self.anchor_layers = hf.decoder_layers(anchor)
+        self.first = min(c.anchor_layer for c in connections)
+        self.opt = torch.optim.AdamW(blocks.parameters(), lr=lr)
+
+    @staticmethod
+    def _embed(model, ids: torch.Tensor):
+        x = model.model.embed_tokens(ids)  # (B, T, width)
+        pos = torch.arange(ids.shape[1])[None]
+        return x, model.model.rotary_emb(x, pos)
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x, rope = self._embed(self.aug, ids)
+            states = {}
+            for i, layer in enumerate(self.aug_layers):
+                x = layer(x, position_embeddings=rope)  # attention_mask=None: causal SDPA
+                states[i] = x  # (B, T, A)
+            h, rope = self._embed(self.anchor, ids)
+        for i, layer in enumerate(self.anchor_layers):
+            with torch.set_grad_enabled(i > self.first):
+                h = layer(h, position_embeddings=rope)  # (B, T, D)
+            for c, block in zip(self.connections, self.blocks):
+                if c.anchor_layer == i:
+                    h = h + block(h, states[c.aug_layer])
+        logits = self.anchor.lm_head(self.anchor.model.norm(h))  # (B, T, V)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    def __call__(self, ids: torch.Tensor) -> float:
+        loss = self.loss(ids)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def blocks_like(model) -> nn.ModuleList:
+    """Reference blocks holding the same weights as a CALM built with CALMConfig(norm=False)."""
+    out = nn.ModuleList()
+    for block in model.blocks:
+        ref = Block(block.proj.in_features, block.proj.out_features, block.num_heads)
+        ref.load_state_dict(block.state_dict())
+        out.append(ref)
+    return out
+
+
+@torch.no_grad()
+def greedy_cached(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """A model alone: greedy decoding with its own KV cache and the last position's logits only."""
+    cache = hf.new_cache(model)
+    step = ids
+    out = [ids]
+    for _ in range(new_tokens):
+        logits = model(input_ids=step, logits_to_keep=1, **hf.cache_kwargs(model, cache)).logits
+        step = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        out.append(step)
+    return torch.cat(out, 1)
+
+
+@torch.no_grad()
+def greedy_recompute(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """CALM greedy decoding with no cache at all: the whole sequence re-run every step."""
+    for _ in range(new_tokens):
+        token = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], 1)
+    return ids

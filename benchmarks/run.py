@@ -1,0 +1,363 @@
+"""Benchmark CALM against its plain-torch bound and against calm-pytorch; write JSON and markdown.
+
+    python benchmarks/run.py [--quick] [--out DIR] [--threads N]
+
+Writes DIR/bench.json, DIR/bench.md and DIR/scaling.png. Every ratio compares functions timed in
+the same run, interleaved rep by rep (see measure.py). Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # calm-pytorch's sampler draws a progress bar
+
+import torch  # noqa: E402
+
+import calm  # noqa: E402
+from calm import CALM, CALMConfig, Connection  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import measure  # noqa: E402
+import peers  # noqa: E402
+import reference  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One benchmark configuration: two random Llama models, a batch, a generation length."""
+
+    name: str
+    vocab: int
+    anchor_width: int
+    anchor_layers: int
+    aug_width: int
+    aug_layers: int
+    heads: int
+    batch: int
+    seq: int
+    prompt: int
+    new_tokens: int
+    reps: int
+
+
+FULL = (
+    Setup("small", 512, 64, 4, 48, 8, 4, 4, 64, 16, 64, 15),
+    Setup("mid", 2048, 256, 8, 192, 8, 8, 4, 128, 16, 256, 9),
+)
+NO_PEER = "calm-pytorch is not installed (pip install calm-pytorch)"
+QUICK = (Setup("small", 512, 64, 4, 48, 8, 4, 2, 32, 8, 8, 3),)
+
+
+def models(s: Setup):
+    anchor = reference.llama(s.vocab, s.anchor_width, s.anchor_layers, s.heads, seed=0)
+    aug = reference.llama(s.vocab, s.aug_width, s.aug_layers, s.heads, seed=1)
+    return anchor, aug
+
+
+def random_ids(s: Setup, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, s.vocab, (batch, length), generator=g)
+
+
+def calm_step(model: CALM, ids: torch.Tensor, aug_states=None):
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+
+    def step() -> float:
+        loss = model(ids, labels=ids, aug_states=aug_states).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def leaks(logits_fn, ids: torch.Tensor) -> bool:
+    """True if the logits before the last position change when only the last token changes."""
+    other = ids.clone()
+    other[:, -1] = (other[:, -1] + 1) % ids.max().item() + 3
+    a, b = logits_fn(ids)[:, :-1], logits_fn(other)[:, :-1]
+    return not torch.equal(a, b)
+
+
+def train(s: Setup, anchor, aug, connections=None) -> dict:
+    """CALM step (norm=False: the reference's exact math; and the default config) vs reference."""
+    config = CALMConfig(norm=False, init="default", connections=connections)
+    model = CALM(anchor, aug, config)
+    default = CALM(anchor, aug, CALMConfig(init="default", connections=connections))
+    ref = reference.ReferenceStep(anchor, aug, model.connections, reference.blocks_like(model))
+    ids = random_ids(s, s.batch, s.seq)
+    same_loss = abs(model(ids, labels=ids).loss.item() - ref.loss(ids).item())
+    fns = {"calm": calm_step(model, ids), "reference": lambda: ref(ids)}
+    fns["calm_default_config"] = calm_step(default, ids)
+    t = measure.interleaved(fns, s.reps)
+    return {
+        "connections": len(model.connections),
+        "calm_ms": 1e3 * measure.median(t["calm"]),
+        "reference_ms": 1e3 * measure.median(t["reference"]),
+        "calm_default_config_ms": 1e3 * measure.median(t["calm_default_config"]),
+        "ratio": measure.paired_ratio(t["calm"], t["reference"]),
+        "ratio_default_config": measure.paired_ratio(t["calm_default_config"], t["reference"]),
+        "loss_abs_diff_vs_reference": same_loss,
+        "_fns": fns,
+    }
+
+
+def section(s: Setup, with_peer: bool) -> dict:
+    anchor, aug = models(s)
+    out: dict = {"setup": asdict(s)}
+
+    # 1. training step and peak memory against the reference
+    tr = train(s, anchor, aug)
+    fns = tr.pop("_fns")
+    out["train"] = tr
+    mem = {name: measure.peak_memory(fn) for name, fn in fns.items()}
+    out["memory"] = {
+        "calm_peak_bytes": mem["calm"],
+        "reference_peak_bytes": mem["reference"],
+        "calm_default_config_peak_bytes": mem["calm_default_config"],
+        "ratio": mem["calm"] / mem["reference"],
+        "ratio_default_config": mem["calm_default_config"] / mem["reference"],
+    }
+
+    # 4. augmenting-state cache: a later epoch's step with the states computed once
+    model = CALM(anchor, aug, CALMConfig(init="default"))
+    ids = random_ids(s, s.batch, s.seq)
+    states = model.augment_states(ids)
+    t = measure.interleaved(
+        {"without": calm_step(model, ids), "with": calm_step(model, ids, states)}, s.reps
+    )
+    out["aug_cache"] = {
+        "step_ms_without": 1e3 * measure.median(t["without"]),
+        "step_ms_with": 1e3 * measure.median(t["with"]),
+        "speedup": measure.paired_ratio(t["without"], t["with"]),
+    }
+
+    # 3. generation: both caches vs each model alone vs full recomputation
+    prompt = random_ids(s, 1, s.prompt, seed=1)
+    n = s.new_tokens
+    results = {}
+
+    def run(name, fn):
+        def call():
+            results[name] = fn()
+
+        return call
+
+    t = measure.interleaved(
+        {
+            "anchor": run("anchor", lambda: reference.greedy_cached(anchor, prompt, n)),
+            "aug": run("aug", lambda: reference.greedy_cached(aug, prompt, n)),
+            "calm": run("calm", lambda: model.generate(prompt, max_new_tokens=n, eos_token_id=[])),
+            "recompute": run("recompute", lambda: reference.greedy_recompute(model, prompt, n)),
+        },
+        max(1, s.reps // 3),
+    )
+    tps = {k: n / measure.median(v) for k, v in t.items()}
+    bound = 1 / (1 / tps["anchor"] + 1 / tps["aug"])
+    out["generate"] = {
+        "new_tokens": n,
+        "tps_anchor": tps["anchor"],
+        "tps_aug": tps["aug"],
+        "tps_bound": bound,
+        "tps_calm": tps["calm"],
+        "tps_recompute": tps["recompute"],
+        "ratio_to_bound": tps["calm"] / bound,
+        "speedup_vs_recompute": measure.paired_ratio(t["recompute"], t["calm"]),
+        "cached_matches_recompute": torch.equal(results["calm"], results["recompute"]),
+    }
+    out["causal"] = {"calm_leaks": leaks(lambda x: model(x).logits.detach(), ids)}
+    if with_peer:
+        out["peer_calm_pytorch"] = peer_section(s, anchor, aug, model.connections, out)
+    return out
+
+
+def peer_section(s: Setup, anchor, aug, connections, ours: dict) -> dict:
+    """calm-pytorch on copies of the same models (its hooks stay on the models it wraps)."""
+    peer = peers.build(copy.deepcopy(anchor), copy.deepcopy(aug), connections)
+    ids = random_ids(s, s.batch, s.seq)
+    model = CALM(anchor, aug, CALMConfig(init="default", connections=connections))
+    fns = {"calm": calm_step(model, ids), "peer": peers.step_fn(peer, ids)}
+    t = measure.interleaved(fns, s.reps)
+    mem_calm = measure.peak_memory(fns["calm"])
+    mem_peer = measure.peak_memory(fns["peer"])
+    prompt = random_ids(s, 1, s.prompt, seed=1)
+    n = s.new_tokens
+    g = measure.interleaved(
+        {
+            "calm": lambda: model.generate(prompt, max_new_tokens=n, eos_token_id=[]),
+            "peer": lambda: peers.generate(peer, prompt, n),
+        },
+        max(1, s.reps // 3),
+    )
+    peers.randomize(peer)
+    return {
+        "version": peers.version(),
+        "step_ms": 1e3 * measure.median(t["peer"]),
+        "calm_step_ms": 1e3 * measure.median(t["calm"]),
+        "step_ratio_peer_over_calm": measure.paired_ratio(t["peer"], t["calm"]),
+        "peak_bytes": mem_peer,
+        "calm_peak_bytes": mem_calm,
+        "tps": n / measure.median(g["peer"]),
+        "calm_tps": n / measure.median(g["calm"]),
+        "leaks": leaks(lambda x: peers.logits(peer, x), ids),
+        "cached_matches_recompute": None,
+        "notes": (
+            "no KV cache: generate re-runs the whole anchor each step, and the augmenting model "
+            "reads only the prompt (the paper's 'mA as encoder' ablation); its forward hooks "
+            "stay on the models it wraps (they fail when run alone afterwards), so it runs on "
+            "copies; default config (pre-RMSNorm, gated value heads) vs our default config"
+        ),
+    }
+
+
+def scaling(s: Setup, lengths, counts) -> dict:
+    """Step time of CALM and the reference against sequence length and number of connections."""
+    anchor, aug = models(s)
+    rows = []
+    for seq in lengths:
+        r = train(Setup(**{**asdict(s), "seq": seq}), anchor, aug)
+        r.pop("_fns")
+        rows.append({"seq": seq, **r})
+    by_length = rows
+    rows = []
+    n_anchor, n_aug = s.anchor_layers, s.aug_layers
+    for n in counts:
+        conns = tuple(
+            Connection(round((k + 1) * n_anchor / n) - 1, round((k + 1) * n_aug / n) - 1)
+            for k in range(n)
+        )
+        r = train(s, anchor, aug, conns)
+        r.pop("_fns")
+        rows.append({"n_connections": n, **r})
+    return {"by_seq": by_length, "by_connections": rows}
+
+
+def plot(sc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, rows, key, label in (
+        (axes[0], sc["by_seq"], "seq", "sequence length"),
+        (axes[1], sc["by_connections"], "n_connections", "connections"),
+    ):
+        x = [r[key] for r in rows]
+        for col, name in (("calm_ms", "CALM"), ("reference_ms", "plain-torch reference")):
+            ax.plot(x, [r[col] for r in rows], marker="o", label=name)
+        ax.set_xlabel(label)
+        ax.set_ylabel("training step (ms)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# calm benchmarks ({report['mode']})",
+        "",
+        f"{report['machine']}; torch {report['torch']}, {report['threads']} thread(s); "
+        f"load average at start {report['load_at_start']}, at end {report['load_at_end']}.",
+        "",
+        "| config | step / ref | step / ref (default cfg) | peak mem / ref | gen / bound | "
+        "gen speedup vs recompute | aug-cache speedup | cached == recompute | leaks |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in report["configs"].items():
+        g = c["generate"]
+        lines.append(
+            f"| {name} | {c['train']['ratio']:.3f} | {c['train']['ratio_default_config']:.3f} | "
+            f"{c['memory']['ratio']:.3f} | {g['ratio_to_bound']:.3f} | "
+            f"{g['speedup_vs_recompute']:.2f} ({g['new_tokens']} tokens) | "
+            f"{c['aug_cache']['speedup']:.2f} | {g['cached_matches_recompute']} | "
+            f"{c['causal']['calm_leaks']} |"
+        )
+    lines += [
+        "",
+        "## Peer: calm-pytorch",
+        "",
+        "| config | step: peer / ours | peak mem: peer / ours | gen tok/s: ours, peer | "
+        "peer leaks | peer cached == recompute |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in report["configs"].items():
+        p = c.get("peer_calm_pytorch")
+        if p is None:
+            lines.append(f"| {name} | skipped: {report['peer_note']} | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {p['step_ratio_peer_over_calm']:.2f} | "
+            f"{p['peak_bytes'] / p['calm_peak_bytes']:.2f} | "
+            f"{p['calm_tps']:.1f}, {p['tps']:.1f} | {p['leaks']} | no cache |"
+        )
+    sc = report["scaling"]
+    lines += ["", f"## Scaling ({sc['config']} config)", "", "| seq | CALM ms | ref ms | ratio |"]
+    lines.append("|---|---|---|---|")
+    for r in sc["by_seq"]:
+        lines.append(
+            f"| {r['seq']} | {r['calm_ms']:.1f} | {r['reference_ms']:.1f} | {r['ratio']:.3f} |"
+        )
+    lines += ["", "| connections | CALM ms | ref ms | ratio |", "|---|---|---|---|"]
+    for r in sc["by_connections"]:
+        lines.append(
+            f"| {r['n_connections']} | {r['calm_ms']:.1f} | {r['reference_ms']:.1f} | "
+            f"{r['ratio']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few reps (CI)")
+    parser.add_argument("--out", default="bench_out", help="output directory")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    setups = QUICK if args.quick else FULL
+    with_peer = peers.available()
+    report: dict = {
+        "mode": "quick" if args.quick else "full",
+        "calm_version": calm.__version__,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "threads": args.threads,
+        "load_at_start": [round(x, 2) for x in os.getloadavg()],
+        "peer_note": "" if with_peer else NO_PEER,
+        "configs": {},
+    }
+    for s in setups:
+        report["configs"][s.name] = section(s, with_peer)
+    head = setups[-1]
+    lengths = (16, 32) if args.quick else (32, 64, 128, 256)
+    counts = (1, 2) if args.quick else (1, 2, 4, 8)
+    report["scaling"] = {"config": head.name, **scaling(head, lengths, counts)}
+    report["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    c = report["configs"][head.name]
+    report["headline_config"] = head.name
+    report["train_step_ratio"] = c["train"]["ratio"]
+    report["peak_memory_ratio"] = c["memory"]["ratio"]
+    report["generate_ratio"] = c["generate"]["ratio_to_bound"]
+    report["generate_speedup_vs_recompute"] = c["generate"]["speedup_vs_recompute"]
+    report["aug_cache_speedup"] = c["aug_cache"]["speedup"]
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.md").write_text(markdown(report))
+    plot(report["scaling"], out / "scaling.png")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
