@@ -93,6 +93,7 @@ def attention_mask(
     key_valid: torch.Tensor,
     query_valid: torch.Tensor,
     query_offset: int | None,
+    visible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mask shared by every block of one call, built once.
 
@@ -100,13 +101,18 @@ def attention_mask(
     query_valid: (B, T) bool, real anchor positions.
     query_offset: None for encoder mode (every real key visible); otherwise the causal rule of the
         shared stream: query t sits at stream position query_offset + t and sees keys s <= it.
+    visible: (B, T) int, or None. When given (models with different tokenizers), it replaces
+        query_offset: query t sees the first visible[b, t] real keys of its row, counted in order.
     Returns the (B, 1, T, S) bool mask, with empty rows filled so SDPA never yields NaN, and the
     (B, T, 1) multiplier that zeroes the residual of rows that had nothing to attend.
     """
     B, S = key_valid.shape
     T = query_valid.shape[1]
     mask = key_valid[:, None, None, :].expand(B, 1, T, S)
-    if query_offset is not None:
+    if visible is not None:
+        rank = key_valid.long().cumsum(-1) - 1  # (B, S): index of each real key among its row's
+        mask = mask & (rank[:, None, None, :] < visible[:, None, :, None].to(rank.device))
+    elif query_offset is not None:
         q_pos = torch.arange(query_offset, query_offset + T, device=key_valid.device)
         k_pos = torch.arange(S, device=key_valid.device)
         mask = mask & (k_pos[None, :] <= q_pos[:, None])

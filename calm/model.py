@@ -25,6 +25,7 @@ from calm.cross_attention import CrossAttentionBlock
 from calm.cross_attention import attention_mask as build_mask
 from calm.generation import check_sampling, next_token
 from calm.layer_map import default_connections
+from calm.tokenizers import TextStream, TokenizerPair
 
 AugStates = dict[tuple[int, int], torch.Tensor]  # (augment, aug_layer) -> (B, S, A)
 
@@ -52,6 +53,7 @@ class CALM(nn.Module):
         anchor: PreTrainedModel,
         augments: PreTrainedModel | Sequence[PreTrainedModel],
         config: CALMConfig | None = None,
+        tokenizers: TokenizerPair | None = None,
     ) -> None:
         super().__init__()
         config = config if config is not None else CALMConfig()
@@ -70,7 +72,8 @@ class CALM(nn.Module):
         self._anchor_layers = tuple(hf.decoder_layers(anchor))
         self._aug_layers = tuple(tuple(hf.decoder_layers(a)) for a in augs)
         self.connections = self._resolve_connections(config)
-        if config.mode == "causal":
+        self.tokenizers = self._check_tokenizers(tokenizers)
+        if config.mode == "causal" and tokenizers is None:
             self._check_vocabularies()
 
         anchor_dim = hf.hidden_size(anchor)
@@ -146,6 +149,29 @@ class CALM(nn.Module):
                     f"{hf.vocab_size(aug)}; use models that share a tokenizer, or "
                     f'CALMConfig(mode="encoder") with aug_input_ids.'
                 )
+
+    def _check_tokenizers(self, pair: TokenizerPair | None) -> TokenizerPair | None:
+        if pair is None:
+            return None
+        if not isinstance(pair, TokenizerPair):
+            raise TypeError(f"tokenizers must be a calm.TokenizerPair, got {type(pair).__name__}.")
+        if self.config.mode != "causal":
+            raise ValueError(
+                'A TokenizerPair aligns one text read by both sides; use CALMConfig(mode="causal").'
+            )
+        if len(pair) != len(self.augments):
+            raise ValueError(
+                f"The TokenizerPair has {len(pair)} augmenting tokenizers for "
+                f"{len(self.augments)} augmenting models; give one per model, in order."
+            )
+        for model, side in ((self.anchor, pair.anchor), *zip(self.augments, pair.augs)):
+            if side.vocab_size > hf.vocab_size(model):
+                raise ValueError(
+                    f"The {side.role} tokenizer has {side.vocab_size} tokens but its model's "
+                    f"embedding has {hf.vocab_size(model)} rows; pair each model with its own "
+                    "tokenizer."
+                )
+        return pair
 
     def _base_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.anchor.parameters()
@@ -240,8 +266,13 @@ class CALM(nn.Module):
         aug_attention_mask,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per augmenting model: the ids it reads and their mask."""
-        if self.config.mode == "causal":
+        if self.config.mode == "causal" and self.tokenizers is None:
             return [(input_ids, attention_mask)] * len(self.augments)
+        if aug_input_ids is None and self.tokenizers is not None:
+            raise ValueError(
+                "This composition pairs different tokenizers: pass the batch its TokenizerPair "
+                "makes, as model(**pair(texts))."
+            )
         if aug_input_ids is None:
             raise ValueError(
                 "Encoder mode needs aug_input_ids (the prompt the augmenting models read); pass "
@@ -330,15 +361,26 @@ class CALM(nn.Module):
         return states
 
     def _masks(
-        self, key_masks: list[torch.Tensor], query_mask: torch.Tensor, past_length: int
+        self,
+        key_masks: list[torch.Tensor],
+        query_mask: torch.Tensor,
+        past_length: int,
+        visible: list[torch.Tensor] | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(mask, rows) per augmenting model, for queries at stream positions past_length + t.
 
         key_masks[i]: (B, S_i) padding mask of what augmenting model i has read (past included);
-        query_mask: (B, P + T) anchor padding mask (past included).
+        query_mask: (B, P + T) anchor padding mask (past included);
+        visible[i]: (B, T) how many real keys of augmenting model i each query sees (replaces the
+        shared-stream rule; see `calm.tokenizers`).
         """
         device = query_mask.device
         query_valid = query_mask[:, past_length:].bool()
+        if visible is not None:
+            return [
+                build_mask(k.to(device).bool(), query_valid, None, v)
+                for k, v in zip(key_masks, visible)
+            ]
         offset = past_length if self.config.mode == "causal" else None
         built: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         out = []
@@ -346,6 +388,40 @@ class CALM(nn.Module):
             if id(key_mask) not in built:  # causal mode: one mask shared by every block
                 built[id(key_mask)] = build_mask(key_mask.to(device).bool(), query_valid, offset)
             out.append(built[id(key_mask)])
+        return out
+
+    def _check_visible(self, aug_visible, input_ids: torch.Tensor) -> list[torch.Tensor] | None:
+        """aug_visible as one (B, T) tensor per augmenting model; required with a TokenizerPair."""
+        if aug_visible is None:
+            if self.tokenizers is not None:
+                raise ValueError(
+                    "This composition pairs different tokenizers and needs aug_visible; pass the "
+                    "batch its TokenizerPair makes, as model(**pair(texts))."
+                )
+            return None
+        if self.config.mode != "causal":
+            raise ValueError('aug_visible applies to CALMConfig(mode="causal") only.')
+        visible = list(aug_visible) if isinstance(aug_visible, (list, tuple)) else [aug_visible]
+        if len(visible) != len(self.augments) or any(v.shape != input_ids.shape for v in visible):
+            raise ValueError(
+                f"aug_visible must hold one tensor of shape {tuple(input_ids.shape)} (like "
+                f"input_ids) per augmenting model ({len(self.augments)})."
+            )
+        return visible
+
+    def _extend_kv(self, kv, states: AugStates) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """kv of every connection with the keys/values of `states` appended; connections whose
+        augmenting layer is not in `states` keep theirs."""
+        device = hf.model_device(self.anchor)
+        dtype = getattr(torch, self.config.dtype)
+        out = []
+        for j, (c, block) in enumerate(zip(self.connections, self.blocks)):
+            x = states.get((c.augment, c.aug_layer))
+            if x is None:
+                out.append(kv[j])
+                continue
+            k, v = block.keys_values(x.to(device=device, dtype=dtype))
+            out.append((torch.cat([kv[j][0], k], 2), torch.cat([kv[j][1], v], 2)))
         return out
 
     def _keys_values(self, states: AugStates) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -418,9 +494,15 @@ class CALM(nn.Module):
         aug_input_ids=None,
         aug_attention_mask=None,
         aug_states: AugStates | None = None,
+        aug_visible: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        texts: Sequence[str] | None = None,
     ) -> CausalLMOutputWithPast:
         """Composed logits (B, T, V), and the mean next-token loss when `labels` are given
-        (Hugging Face convention: labels are the inputs, shifted inside; -100 is ignored)."""
+        (Hugging Face convention: labels are the inputs, shifted inside; -100 is ignored).
+
+        aug_visible (causal mode): one (B, T) tensor per augmenting model; anchor token t sees the
+        first aug_visible[i][b, t] real augmenting tokens instead of those at positions <= t.
+        `TokenizerPair` batches carry it (and `texts`, which only `generate` reads)."""
         self._check_live()
         device = hf.model_device(self.anchor)
         self._check_ids("input_ids", input_ids, device)
@@ -434,7 +516,8 @@ class CALM(nn.Module):
                 aug_states = {}
                 for i, (ids, mask) in enumerate(inputs):
                     aug_states.update(self._run_augment(i, ids, mask))
-            masks = self._masks([m for _, m in inputs], attention_mask, 0)
+            visible = self._check_visible(aug_visible, input_ids)
+            masks = self._masks([m for _, m in inputs], attention_mask, 0, visible)
             with self._composed(self._keys_values(aug_states), masks):
                 logits = self._anchor_call(input_ids, attention_mask)
         loss = None
@@ -447,6 +530,49 @@ class CALM(nn.Module):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     # ----------------------------------------------------------------------------- generate
+
+    def _start_aligned(self, input_ids, attention_mask, aug_inputs, visible, texts, caches):
+        """Prompt step of generation with a TokenizerPair: each augmenting model reads the prompt
+        tokens stable at the last anchor token; the unstable tail is masked out of its cache."""
+        if texts is None:
+            raise ValueError(
+                "Generation with a TokenizerPair continues the prompt texts; pass the batch its "
+                "TokenizerPair makes, as model.generate(**pair(texts))."
+            )
+        batch = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            aug_input_ids=[ids for ids, _ in aug_inputs],
+            aug_attention_mask=[m for _, m in aug_inputs],
+            aug_visible=visible,
+            texts=list(texts),
+        )
+        key_masks, states = [], {}
+        for i, (ids, m) in enumerate(aug_inputs):
+            last = visible[i].max(-1, keepdim=True).values.to(m.device)  # (B, 1)
+            committed = (m.bool() & (m.long().cumsum(-1) <= last)).long()  # (B, S_i)
+            key_masks.append(committed)
+            states.update(self._run_augment(i, ids, committed, caches[i]))
+        return self.tokenizers.stream(batch), key_masks, self._keys_values(states)
+
+    def _feed_aligned(self, stream: TextStream, tokens, active, key_masks, kv, caches):
+        """Append one anchor token per active row to the texts; feed each augmenting model the
+        tokens that became stable (right-padded within the step) and extend the blocks' kv."""
+        new = stream.append(tokens.tolist(), active.tolist())
+        states: AugStates = {}
+        for i, rows in enumerate(new):
+            width = max(len(r) for r in rows)
+            if width == 0:
+                continue
+            chunk = torch.full((len(rows), width), self.tokenizers.augs[i].pad_id)  # (B, n)
+            chunk_mask = torch.zeros_like(chunk)
+            for b, r in enumerate(rows):
+                chunk[b, : len(r)] = torch.from_numpy(r)
+                chunk_mask[b, : len(r)] = 1
+            full = torch.cat([key_masks[i], chunk_mask.to(key_masks[i].device)], 1)
+            states.update(self._run_augment(i, chunk, full, caches[i], key_masks[i].shape[1]))
+            key_masks[i] = full
+        return key_masks, (self._extend_kv(kv, states) if states else kv)
 
     @torch.no_grad()
     def generate(
@@ -464,6 +590,8 @@ class CALM(nn.Module):
         aug_attention_mask=None,
         generator: torch.Generator | None = None,
         streamer=None,
+        aug_visible=None,
+        texts: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Prompt + up to `max_new_tokens` new tokens, (B, T + new), like Hugging Face.
 
@@ -471,6 +599,10 @@ class CALM(nn.Module):
         keys/values of the augmenting states seen so far; each step feeds the new token to every
         model once. Finished rows are filled with `pad_token_id`. Left-padded batches work.
         `streamer` (optional) gets `put(tokens)` after each step and `end()` at the end.
+
+        With a TokenizerPair, pass its batch (`**pair(texts)`): as the anchor writes, the texts
+        grow, and the augmenting tokens that become stable are appended to each augmenting
+        model's cache (see `calm.tokenizers.TextStream`).
         """
         self._check_live()
         device = hf.model_device(self.anchor)
@@ -511,6 +643,13 @@ class CALM(nn.Module):
                 states.update(self._run_augment(i, ids, mask))
             kv = self._keys_values(states)
             key_masks = [m for _, m in inputs]
+        aligned = composed and self.tokenizers is not None
+        visible = self._check_visible(aug_visible, input_ids) if aligned else None
+        if aligned:
+            inputs = self._aug_inputs(input_ids, attention_mask, aug_input_ids, aug_attention_mask)
+            stream, key_masks, kv = self._start_aligned(
+                input_ids, attention_mask, inputs, visible, texts, aug_caches
+            )
 
         out = input_ids
         mask = attention_mask
@@ -519,7 +658,12 @@ class CALM(nn.Module):
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             if composed:
-                if causal:
+                if aligned and past:
+                    key_masks, kv = self._feed_aligned(
+                        stream, step_ids[:, 0], ~finished, key_masks, kv, aug_caches
+                    )
+                    visible = [m.sum(-1, keepdim=True) for m in key_masks]  # (B, 1) each
+                elif causal and not aligned:
                     states = {}
                     for i in range(len(self.augments)):
                         states.update(self._run_augment(i, step_ids, mask, aug_caches[i], past))
@@ -533,7 +677,7 @@ class CALM(nn.Module):
                         ]
                     )
                     key_masks = [mask] * len(self.augments)
-                with self._composed(kv, self._masks(key_masks, mask, past)):
+                with self._composed(kv, self._masks(key_masks, mask, past, visible)):
                     logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)
             else:
                 logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)

@@ -1,0 +1,309 @@
+"""Align one text for an anchor and augmenting models that use different tokenizers.
+
+Both sides read the same TEXT, each with its own tokenizer. Correctness is prefix consistency: the
+composed output at anchor token t depends only on text[:e_t], where e_t is the end (in characters)
+of anchor token t. The augmenting tokens that anchor token t may see must therefore be a function
+of text[:e_t] alone, which "tokens whose span ends before e_t" is not: how a tokenizer splits the
+unfinished last word depends on the letters that follow.
+
+Visibility rule, "stable boundary": a cut is a position c with text[c] == " " and text[c - 1] not
+whitespace (a word has just ended). Anchor token t sees the first K_t augmenting tokens, where
+K_t = (leading special tokens) + (augmenting tokens of the text that start before the last cut
+c < e_t). Both the cut and the tokens before it are functions of text[:e_t], provided the
+augmenting tokenizer never joins a word with the space that follows it (so the tokens left of a
+cut never change when text is appended). That holds for byte-level BPE with GPT-2/Llama-3-style
+pre-tokenizers, WordPiece and Metaspace tokenizers; `TokenizerPair` refuses a vocabulary with a
+token that has a space right after a non-space, and `generate` re-checks every committed token.
+Cost: one augmenting forward over the whole text; the augmenting side lags by the last word.
+
+Special tokens: each side gets the leading special tokens its tokenizer adds (e.g. BOS), which are
+always visible; trailing ones (EOS, [SEP]) are dropped, since a causal stream is never finished.
+Rows are left-padded, so the same batch serves training and generation.
+
+Shapes: B texts, T anchor tokens, S_i tokens of augmenting model i.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import tokenizers as tk
+import torch
+
+_WHITESPACE = np.array([ord(c) for c in " \t\n\r\x0b\x0c"], dtype=np.uint32)
+_SPACE_AFTER_WORD = re.compile(r"[^\s] ")
+
+
+def cut_points(text: str) -> np.ndarray:
+    """Sorted positions c where text[c] is a space and text[c - 1] is not whitespace."""
+    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    is_ws = np.isin(cp, _WHITESPACE)
+    return np.flatnonzero((cp[1:] == 32) & ~is_ws[:-1]) + 1
+
+
+def last_cuts(cuts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """For each end e, the last cut c < e (0 where there is none)."""
+    if cuts.size == 0:
+        return np.zeros_like(ends)
+    idx = np.searchsorted(cuts, ends, side="left")
+    return np.where(idx > 0, cuts[np.maximum(idx - 1, 0)], 0)
+
+
+class _Side:
+    """One tokenizer as the pair uses it: a private backend copy, its leading specials, its pad."""
+
+    def __init__(self, tokenizer, role: str) -> None:
+        backend = tokenizer if isinstance(tokenizer, tk.Tokenizer) else None
+        backend = backend or getattr(tokenizer, "backend_tokenizer", None)
+        if not isinstance(backend, tk.Tokenizer):
+            raise TypeError(
+                f"The {role} tokenizer ({type(tokenizer).__name__}) cannot report character "
+                "offsets; pass a fast tokenizer (AutoTokenizer.from_pretrained(...) with a "
+                "tokenizer.json) or a tokenizers.Tokenizer."
+            )
+        self.role = role
+        self.backend = tk.Tokenizer.from_str(backend.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.lead = self._leading_specials(tokenizer)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else 0
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+
+    def _leading_specials(self, tokenizer) -> tuple[int, ...]:
+        if isinstance(tokenizer, tk.Tokenizer):
+            full = self.backend.encode("a", add_special_tokens=True).ids
+        else:
+            full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+        bare = self.backend.encode("a", add_special_tokens=False).ids
+        for k in range(len(full) - len(bare) + 1):
+            if full[k : k + len(bare)] == bare:
+                return tuple(full[:k])
+        raise ValueError(
+            f"The {self.role} tokenizer's special tokens surround the text in a way the pair "
+            "cannot separate; give a tokenizer that adds them only before or after the text."
+        )
+
+    def check_no_space_merges(self) -> None:
+        """Refuse a vocabulary that can join a word with the following space."""
+        n = self.backend.get_vocab_size(with_added_tokens=True)
+        pieces = self.backend.decode_batch([[i] for i in range(n)], skip_special_tokens=True)
+        bad = [p for p in pieces if _SPACE_AFTER_WORD.search(p)]
+        if bad:
+            raise ValueError(
+                f"The {self.role} tokenizer has tokens that join a word with the space after it "
+                f"(e.g. {bad[0]!r}), so the stable-boundary rule would leak the next word; use it "
+                "as the anchor, or pick another augmenting tokenizer."
+            )
+
+    def encode(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per text: ids (leading specials first), start and end offsets of the text tokens."""
+        out = []
+        for enc in self.backend.encode_batch(list(texts), add_special_tokens=False):
+            offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            ids = np.asarray(self.lead + tuple(enc.ids), dtype=np.int64)
+            out.append((ids, offsets[:, 0], offsets[:, 1]))
+        return out
+
+    def visible(self, text: str, starts: np.ndarray, anchor_ends: np.ndarray) -> np.ndarray:
+        """K for each anchor end: how many of this side's tokens of `text` are stable there."""
+        cut = last_cuts(cut_points(text), anchor_ends)
+        return len(self.lead) + np.searchsorted(np.sort(starts), cut, side="left")
+
+
+def _left_pad(rows: Sequence[np.ndarray], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths -> (B, L) left-padded tensor and its mask (L >= 1)."""
+    width = max(1, max((len(r) for r in rows), default=0))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if len(r):
+            ids[b, width - len(r) :] = torch.from_numpy(np.asarray(r, dtype=np.int64))
+            mask[b, width - len(r) :] = 1
+    return ids, mask
+
+
+class AlignedBatch(dict):
+    """What `TokenizerPair` returns: keyword arguments for `CALM.forward` and `CALM.generate`.
+
+    input_ids, attention_mask: (B, T) anchor tokens, left-padded.
+    aug_input_ids, aug_attention_mask: one (B, S_i) tensor per augmenting model, left-padded.
+    aug_visible: one (B, T) tensor per augmenting model: anchor token t sees the first
+        aug_visible[i][b, t] real tokens of augmenting model i.
+    texts: the texts themselves (generation continues them).
+    """
+
+    def to(self, device) -> AlignedBatch:
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device)
+            if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+                return [x.to(device) for x in v]
+            return v
+
+        return AlignedBatch({k: move(v) for k, v in self.items()})
+
+
+class TokenizerPair:
+    """Tokenize texts for the anchor and each augmenting model, and align them causally.
+
+    `pair(texts)` gives an `AlignedBatch`; `CALM(anchor, augments, config, tokenizers=pair)`
+    reads it with `model(**batch)` and `model.generate(**batch, max_new_tokens=N)`.
+    """
+
+    def __init__(self, anchor_tokenizer, aug_tokenizers) -> None:
+        augs = (
+            list(aug_tokenizers) if isinstance(aug_tokenizers, (list, tuple)) else [aug_tokenizers]
+        )
+        if not augs:
+            raise ValueError("Give at least one augmenting tokenizer.")
+        self.anchor = _Side(anchor_tokenizer, "anchor")
+        self.augs = [_Side(t, f"augmenting {i}") for i, t in enumerate(augs)]
+        for side in self.augs:
+            side.check_no_space_merges()
+
+    def __len__(self) -> int:
+        """The number of augmenting tokenizers."""
+        return len(self.augs)
+
+    def __call__(self, texts: str | Sequence[str]) -> AlignedBatch:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("TokenizerPair takes a non-empty list of strings.")
+        anchor_rows, anchor_ends = [], []
+        for ids, _, ends in self.anchor.encode(texts):
+            anchor_rows.append(ids)
+            lead = np.zeros(len(self.anchor.lead), dtype=np.int64)
+            anchor_ends.append(np.maximum.accumulate(np.concatenate([lead, ends])))
+        input_ids, attention_mask = _left_pad(anchor_rows, self.anchor.pad_id)
+        batch = AlignedBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            aug_input_ids=[],
+            aug_attention_mask=[],
+            aug_visible=[],
+            texts=texts,
+        )
+        for side in self.augs:
+            encoded = side.encode(texts)
+            ids, mask = _left_pad([e[0] for e in encoded], side.pad_id)
+            counts = [
+                side.visible(t, e[1], ends) for t, e, ends in zip(texts, encoded, anchor_ends)
+            ]
+            visible, _ = _left_pad(counts, 0)
+            batch["aug_input_ids"].append(ids)
+            batch["aug_attention_mask"].append(mask)
+            batch["aug_visible"].append(visible)
+        return batch
+
+    # ------------------------------------------------------------------------- generation
+
+    def stream(self, batch: AlignedBatch) -> TextStream:
+        """Track the texts of `batch` as the anchor appends tokens to them (see `TextStream`)."""
+        return TextStream(self, batch)
+
+    def extend(self, batch: AlignedBatch, new_ids: torch.Tensor) -> AlignedBatch:
+        """`batch`'s prompts followed by the anchor tokens `new_ids` (B, N), aligned as
+        `CALM.generate` aligns them step by step: the reference for cached generation, and the
+        way to score a generated continuation."""
+        stream = self.stream(batch)
+        rows, steps = new_ids.shape
+        ends = np.zeros((rows, steps), dtype=np.int64)  # anchor ends of the new tokens
+        for j in range(steps):
+            stream.append(new_ids[:, j].tolist(), [True] * rows)
+            ends[:, j] = [len(t) for t in stream.texts]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        out = AlignedBatch(
+            input_ids=torch.cat([ids, new_ids.to(ids.device)], 1),
+            attention_mask=torch.cat([mask, torch.ones_like(new_ids).to(mask.device)], 1),
+            aug_input_ids=[],
+            aug_attention_mask=[],
+            aug_visible=[],
+            texts=stream.texts,
+        )
+        for i, side in enumerate(self.augs):
+            encoded = side.encode(stream.texts)
+            aug_ids, aug_mask = _left_pad([e[0] for e in encoded], side.pad_id)
+            counts = np.stack(
+                [side.visible(t, e[1], x) for t, e, x in zip(stream.texts, encoded, ends)]
+            )
+            visible = batch["aug_visible"][i]
+            out["aug_input_ids"].append(aug_ids)
+            out["aug_attention_mask"].append(aug_mask)
+            out["aug_visible"].append(
+                torch.cat([visible, torch.from_numpy(counts).to(visible.device)], 1)
+            )
+        return out
+
+
+class TextStream:
+    """The texts of a batch as the anchor writes them, and the augmenting tokens they commit.
+
+    A token the anchor emits is decoded in context (decode(prompt + new) minus decode(prompt);
+    an unfinished UTF-8 character waits for its last byte), its text is appended, and every
+    augmenting token that became stable is committed. Committed tokens never change: a tokenizer
+    that re-splits them breaks the stable-boundary rule, and `append` raises.
+    """
+
+    def __init__(self, pair: TokenizerPair, batch: AlignedBatch) -> None:
+        self.pair = pair
+        self.texts = list(batch["texts"])
+        self._prompt = list(self.texts)
+        mask = batch["attention_mask"].bool().cpu()
+        ids = batch["input_ids"].cpu()
+        self._anchor_prompt = [ids[b][mask[b]].tolist() for b in range(len(self.texts))]
+        self._decoded_prompt = pair.anchor.backend.decode_batch(
+            self._anchor_prompt, skip_special_tokens=True
+        )
+        self._new: list[list[int]] = [[] for _ in self.texts]
+        self._written = [""] * len(self.texts)
+        self.committed: list[list[np.ndarray]] = []
+        for i in range(len(pair.augs)):
+            aug_ids = batch["aug_input_ids"][i].cpu()
+            aug_mask = batch["aug_attention_mask"][i].bool().cpu()
+            last = batch["aug_visible"][i][:, -1].cpu()
+            self.committed.append(
+                [aug_ids[b][aug_mask[b]][: int(last[b])].numpy() for b in range(len(self.texts))]
+            )
+
+    def append(self, tokens: Sequence[int], active: Sequence[bool]) -> list[list[np.ndarray]]:
+        """Append one anchor token per active row; per augmenting model, per row, the ids of the
+        tokens that became stable (possibly none)."""
+        rows = [b for b, a in enumerate(active) if a]
+        for b in rows:
+            self._new[b].append(int(tokens[b]))
+        decoded = self.pair.anchor.backend.decode_batch(
+            [self._anchor_prompt[b] + self._new[b] for b in rows], skip_special_tokens=True
+        )
+        grown = []
+        for b, full in zip(rows, decoded):
+            prompt = self._decoded_prompt[b]
+            written = full[len(prompt) :].rstrip("\ufffd") if full.startswith(prompt) else None
+            if written is None or not written.startswith(self._written[b]):
+                raise RuntimeError(
+                    "The anchor tokenizer's decoding of the generated tokens is not "
+                    "append-only, so the text both models read cannot be kept in sync."
+                )
+            if written != self._written[b]:
+                self._written[b] = written
+                self.texts[b] = self._prompt[b] + written
+                grown.append(b)
+        out = []
+        for i, side in enumerate(self.pair.augs):
+            new = [np.zeros(0, dtype=np.int64) for _ in self.texts]
+            for b, (ids, starts, _) in zip(grown, side.encode([self.texts[b] for b in grown])):
+                end = np.array([len(self.texts[b])], dtype=np.int64)
+                k = int(side.visible(self.texts[b], starts, end)[0])
+                old = self.committed[i][b]
+                if not np.array_equal(ids[: len(old)], old) or k < len(old):
+                    raise RuntimeError(
+                        f"The {side.role} tokenizer re-split text that the stable-boundary rule "
+                        f"had already committed (text {self.texts[b]!r}); it joins words across "
+                        "spaces and cannot be paired this way."
+                    )
+                new[b] = ids[len(old) : k]
+                self.committed[i][b] = ids[:k]
+            out.append(new)
+        return out

@@ -1,0 +1,391 @@
+"""calm.TokenizerPair and CALM with different tokenizers: prefix consistency, identity with the
+shared stream, cached generation, bad input. Tokenizers are trained here, in well under a second."""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from conftest import randomize_blocks
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
+from calm import CALM, CALMConfig
+from calm.tokenizers import TokenizerPair, cut_points
+
+SAMPLES = {
+    "english": "The quick brown fox jumps over the lazy dog. It's 2026; don't panic!",
+    "code": "def add(a, b):\n    return a+b  # sum\n\nprint(add(1,2)) if x>=3 else None",
+    "chichewa": "Pachiyambi Mulungu adalenga kumwamba ndi dziko lapansi. Moni, muli bwanji?",
+    "emoji": "Hello 😀 world 🎉🎉 ok 👍🏽 naïve café — fin",
+    "whitespace": "a  b   c\t\td \n\n  e    \t f  ",
+}
+CORPUS = "\n".join(SAMPLES.values()) + "\n" + inspect.getsource(textwrap)
+
+
+def _fast(tok: Tokenizer, bos: str | None, eos: str | None) -> T.PreTrainedTokenizerFast:
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token="<pad>"
+    )
+
+
+def byte_bpe(vocab: int = 420) -> T.PreTrainedTokenizerFast:
+    """GPT-2-style byte-level BPE with a BOS added in front."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        [CORPUS],
+        trainers.BpeTrainer(
+            vocab_size=vocab,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return _fast(tok, "<s>", "</s>")
+
+
+def wordpiece() -> T.PreTrainedTokenizerFast:
+    """BERT-style lower-cased WordPiece, [CLS] before and [SEP] after every text."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(
+        [CORPUS],
+        trainers.WordPieceTrainer(
+            vocab_size=300, special_tokens=["<pad>", "[UNK]", "[CLS]", "[SEP]"]
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return _fast(tok, "[CLS]", "[SEP]")
+
+
+def unigram() -> T.PreTrainedTokenizerFast:
+    """SentencePiece-style Unigram over Metaspace pieces, no special tokens added."""
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(
+        [CORPUS],
+        trainers.UnigramTrainer(
+            vocab_size=250, special_tokens=["<pad>", "<unk>"], unk_token="<unk>"
+        ),
+    )
+    return _fast(tok, None, None)
+
+
+@pytest.fixture(scope="module")
+def toks():
+    return {"bpe": byte_bpe(), "wordpiece": wordpiece(), "unigram": unigram()}
+
+
+def lm(vocab: int, width: int, layers: int, seed: int):
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return T.LlamaForCausalLM(config).eval()
+
+
+def composed(anchor_tok, aug_tok, seed=0):
+    pair = TokenizerPair(anchor_tok, aug_tok)
+    anchor = lm(len(anchor_tok), 32, 4, seed)
+    aug = lm(len(aug_tok), 24, 4, seed + 1)
+    model = CALM(anchor, aug, CALMConfig(every=2), tokenizers=pair)
+    randomize_blocks(model, seed)
+    return pair, model
+
+
+PAIRS = [("unigram", "bpe"), ("bpe", "wordpiece"), ("wordpiece", "unigram")]
+
+
+def naive_visible(pair, text):
+    """The leaky rule: every augmenting token whose span ends by the anchor token's end."""
+    anchor = pair.anchor.encode([text])[0]
+    ends = np.maximum.accumulate(np.concatenate([np.zeros(len(pair.anchor.lead)), anchor[2]]))
+    _, _, aug_ends = pair.augs[0].encode([text])[0]
+    return len(pair.augs[0].lead) + np.searchsorted(np.sort(aug_ends), ends, side="right")
+
+
+def prefix_violations(pair, text, visible_of=None):
+    """(e, t): cut points e (every character) where anchor token t, the same token with the same
+    end in text[:e] and in text, sees different augmenting tokens in the two."""
+
+    def aligned(t):
+        b = pair([t])
+        real = b["attention_mask"][0].bool()
+        lead = np.zeros(len(pair.anchor.lead), dtype=np.int64)
+        ends = np.maximum.accumulate(np.concatenate([lead, pair.anchor.encode([t])[0][2]]))
+        aug = b["aug_input_ids"][0][0][b["aug_attention_mask"][0][0].bool()]
+        vis = b["aug_visible"][0][0][real]
+        if visible_of is not None:
+            vis = torch.as_tensor(visible_of(pair, t))
+        return b["input_ids"][0][real], ends, aug, vis
+
+    ids, ends, aug, vis = aligned(text)
+    bad = []
+    for e in range(1, len(text) + 1):
+        p_ids, p_ends, p_aug, p_vis = aligned(text[:e])
+        for t in range(min(len(ids), len(p_ids))):
+            if ids[t] != p_ids[t]:
+                break
+            k = int(vis[t])
+            same = int(p_vis[t]) == k and torch.equal(aug[:k], p_aug[:k])
+            if ends[t] == p_ends[t] and not same:
+                bad.append((e, t))
+                break
+    return bad
+
+
+def test_cut_points():
+    assert cut_points("ab  c d").tolist() == [2, 5]
+    assert cut_points(" a\n b").tolist() == []
+    assert cut_points("x😀 y").tolist() == [2]
+
+
+@pytest.mark.parametrize("anchor_name,aug_name", PAIRS)
+@pytest.mark.parametrize("sample", sorted(SAMPLES))
+def test_prefix_consistency_of_alignment(toks, anchor_name, aug_name, sample):
+    pair = TokenizerPair(toks[anchor_name], toks[aug_name])
+    assert prefix_violations(pair, SAMPLES[sample]) == []
+
+
+def test_naive_rule_leaks(toks):
+    """The check above can fail: "aug tokens that end by e_t" changes when text is appended."""
+    pair = TokenizerPair(toks["unigram"], toks["bpe"])
+    leaks = sum(
+        len(prefix_violations(pair, text, visible_of=naive_visible)) for text in SAMPLES.values()
+    )
+    assert leaks > 0
+
+
+@pytest.mark.parametrize("anchor_name,aug_name", PAIRS)
+def test_prefix_consistency_of_logits(toks, anchor_name, aug_name):
+    pair, model = composed(toks[anchor_name], toks[aug_name])
+    for text in SAMPLES.values():
+        full = pair([text])
+        logits = model(**full).logits[0]
+        ends = pair.anchor.encode([text])[0][2]
+        lead = len(pair.anchor.lead)
+        cuts = sorted({int(e) for e in ends[:: max(1, len(ends) // 6)]} | {int(ends[-1])})
+        prefixes = [text[:e] for e in cuts]
+        batch = pair(prefixes)  # one left-padded batch of prefixes
+        out = model(**batch).logits
+        for row in range(len(cuts)):
+            real = batch["attention_mask"][row].bool()
+            ids = batch["input_ids"][row][real]
+            if not torch.equal(ids, full["input_ids"][0][: len(ids)]):
+                continue  # the issue's condition: the prefix tokenizes as the text's first tokens
+            assert len(ids) >= lead
+            torch.testing.assert_close(out[row][real], logits[: len(ids)], atol=2e-5, rtol=0)
+
+
+def test_composition_changes_outputs_and_sees_augment(toks):
+    pair, model = composed(toks["unigram"], toks["bpe"])
+    batch = pair([SAMPLES["english"]])
+    with model.disable_composition():
+        plain = model(**batch).logits
+    assert not torch.allclose(model(**batch).logits, plain)
+    other = dict(batch)
+    other["aug_input_ids"] = [torch.randint(3, len(toks["bpe"]), batch["aug_input_ids"][0].shape)]
+    assert not torch.allclose(model(**other).logits, model(**batch).logits)
+
+
+def test_identity_at_init(toks):
+    pair = TokenizerPair(toks["unigram"], toks["bpe"])
+    anchor = lm(len(toks["unigram"]), 32, 4, 0)
+    model = CALM(anchor, lm(len(toks["bpe"]), 24, 4, 1), tokenizers=pair)
+    batch = pair(list(SAMPLES.values()))
+    mask = batch["attention_mask"]
+    want = anchor(
+        batch["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+    ).logits
+    got = model(**batch).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_identical_tokenizers_equal_shared_stream(toks):
+    """Same tokenizer on both sides: the same ids, and exactly the shared-stream composition
+    restricted by the visibility rule, which never shows more than positions <= t."""
+    tok = toks["bpe"]
+    pair = TokenizerPair(tok, tok)
+    anchor, aug = lm(len(tok), 32, 4, 0), lm(len(tok), 24, 4, 1)
+    paired = CALM(anchor, aug, CALMConfig(every=2), tokenizers=pair)
+    shared = CALM(anchor, aug, CALMConfig(every=2))
+    randomize_blocks(paired)
+    shared.blocks.load_state_dict(paired.blocks.state_dict())
+    batch = pair(list(SAMPLES.values()))
+    assert torch.equal(batch["aug_input_ids"][0], batch["input_ids"])
+    assert torch.equal(batch["aug_attention_mask"][0], batch["attention_mask"])
+    visible = batch["aug_visible"][0]
+    mask = batch["attention_mask"]
+    position = mask.cumsum(-1)  # t + 1 among real tokens
+    assert bool(((visible <= position) | (mask == 0)).all())
+    ids = batch["input_ids"]
+    got = paired(**batch).logits
+    assert torch.equal(got, shared(ids, attention_mask=mask, aug_visible=[visible]).logits)
+    # With the shared-stream count, the visibility mask is the shared-stream mask, bit for bit.
+    assert torch.equal(
+        shared(ids, attention_mask=mask, aug_visible=[position * mask]).logits,
+        shared(ids, attention_mask=mask).logits,
+    )
+    assert not torch.equal(got, shared(ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("anchor_name,aug_name", PAIRS)
+def test_cached_generation_equals_full_recomputation(toks, anchor_name, aug_name):
+    pair, model = composed(toks[anchor_name], toks[aug_name], seed=3)
+    prompts = [SAMPLES["english"][:23], SAMPLES["code"][:40], "Moni"]
+    batch = pair(prompts)
+    steps = 10
+    got = model.generate(**batch, max_new_tokens=steps, eos_token_id=[], pad_token_id=0)
+    prompt_len = batch["input_ids"].shape[1]
+    assert got.shape == (3, prompt_len + steps)
+    for j in range(steps):
+        ref = pair.extend(batch, got[:, prompt_len : prompt_len + j])
+        want = model(**ref).logits[:, -1].argmax(-1)
+        assert torch.equal(got[:, prompt_len + j], want), j
+    final = pair.extend(batch, got[:, prompt_len:])
+    assert all(t.startswith(p) for t, p in zip(final["texts"], prompts))
+
+
+def test_generation_feeds_augment_incrementally(toks):
+    """The augmenting model reads each stable token once: its cache grows with the text."""
+    pair, model = composed(toks["unigram"], toks["bpe"], seed=3)
+    batch = pair(["The quick brown"])
+    calls = []
+    backbone = model.augments[0].model
+    handle = backbone.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        model.generate(**batch, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
+    finally:
+        handle.remove()
+    assert calls[0] == batch["aug_input_ids"][0].shape[1]
+    assert all(n <= 4 for n in calls[1:])
+
+
+def test_two_augmenting_models(toks):
+    pair = TokenizerPair(toks["unigram"], [toks["bpe"], toks["wordpiece"]])
+    anchor = lm(len(toks["unigram"]), 32, 4, 0)
+    augs = [lm(len(toks["bpe"]), 24, 4, 1), lm(len(toks["wordpiece"]), 16, 4, 2)]
+    model = CALM(anchor, augs, CALMConfig(every=2), tokenizers=pair)
+    randomize_blocks(model)
+    batch = pair([SAMPLES["english"][:30], SAMPLES["emoji"][:20]])
+    assert len(batch["aug_input_ids"]) == 2
+    got = model.generate(**batch, max_new_tokens=5, eos_token_id=[], pad_token_id=0)
+    n = batch["input_ids"].shape[1]
+    for j in range(5):
+        want = model(**pair.extend(batch, got[:, n : n + j])).logits[:, -1].argmax(-1)
+        assert torch.equal(got[:, n + j], want)
+
+
+def test_special_tokens(toks):
+    pair = TokenizerPair(toks["wordpiece"], toks["bpe"])
+    batch = pair(["hello world"])
+    wp, bpe = toks["wordpiece"], toks["bpe"]
+    assert batch["input_ids"][0, 0] == wp.convert_tokens_to_ids("[CLS]")
+    assert wp.convert_tokens_to_ids("[SEP]") not in batch["input_ids"][0].tolist()
+    assert batch["aug_input_ids"][0][0, 0] == bpe.convert_tokens_to_ids("<s>")
+    assert int(batch["aug_visible"][0][0, 0]) == 1  # BOS: always visible, from the first token
+    reverse = TokenizerPair(bpe, wp)(["hello world"])
+    assert wp.convert_tokens_to_ids("[SEP]") not in reverse["aug_input_ids"][0][0].tolist()
+
+
+def test_training_step(toks):
+    pair, model = composed(toks["unigram"], toks["bpe"])
+    model.train()
+    batch = pair(list(SAMPLES.values()))
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+class SlowChars(T.PreTrainedTokenizer):
+    """A Python tokenizer: it silently ignores return_offsets_mapping."""
+
+    def __init__(self, **kwargs):
+        self.vocab = {chr(i): i for i in range(128)}
+        super().__init__(**kwargs)
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    @property
+    def vocab_size(self):
+        return 128
+
+    def _tokenize(self, text):
+        return list(text)
+
+    def _convert_token_to_id(self, token):
+        return self.vocab.get(token, 0)
+
+    def _convert_id_to_token(self, index):
+        return chr(index)
+
+
+def test_bad_input(toks):
+    with pytest.raises(TypeError, match="offsets"):
+        TokenizerPair(SlowChars(), toks["bpe"])
+    with pytest.raises(TypeError, match="offsets"):
+        TokenizerPair(toks["bpe"], SlowChars())
+    joined = Tokenizer(models.WordLevel({"a b": 0, "a": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    joined.pre_tokenizer = pre_tokenizers.Split("\n", "isolated")
+    joined.decoder = decoders.Fuse()
+    with pytest.raises(ValueError, match="space after it"):
+        TokenizerPair(toks["bpe"], joined)
+    TokenizerPair(joined, toks["bpe"])  # an anchor may join words: it only needs offsets
+    pair = TokenizerPair(toks["unigram"], toks["bpe"])
+    anchor = lm(len(toks["unigram"]), 32, 4, 0)
+    aug = lm(len(toks["bpe"]), 24, 4, 1)
+    with pytest.raises(ValueError, match="vocabulary"):
+        CALM(anchor, aug)  # different vocabularies, no pair: refused as before
+    with pytest.raises(ValueError, match="2 augmenting tokenizers"):
+        CALM(anchor, aug, tokenizers=TokenizerPair(toks["unigram"], [toks["bpe"]] * 2))
+    with pytest.raises(ValueError, match="rows"):
+        CALM(lm(10, 32, 4, 0), aug, tokenizers=pair)
+    model = CALM(anchor, aug, tokenizers=pair)
+    batch = pair(["hello there"])
+    with pytest.raises(ValueError, match="pair\\(texts\\)"):
+        model(batch["input_ids"])
+    no_texts = {k: v for k, v in batch.items() if k != "texts"}
+    with pytest.raises(ValueError, match="texts"):
+        model.generate(**no_texts, max_new_tokens=2)
+    with pytest.raises(TypeError, match="list of strings"):
+        pair([1, 2])
