@@ -1,0 +1,257 @@
+"""Score any causal LM (Hugging Face, peft, or `calm.CALM`) on one registered task.
+
+    result = calm.evaluate(model, "humaneval", tokenizer=tok, limit=20)
+    result.write("results.json")   # + results.md (a table) + results.samples.jsonl (per example)
+
+Generation is batched with left padding through `model.generate(input_ids, attention_mask,
+max_new_tokens, do_sample, temperature, top_p, eos_token_id, pad_token_id)`, the signature HF,
+peft and CALM share; models whose `generate` takes **kwargs (HF, peft) also get the task's stop
+strings so they stop early. Greedy by default; with `num_samples > 1` (pass@k) sampling is seeded
+per batch. Each completion is cut at the task's first stop string before scoring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import calm
+from calm.tasks.registry import Example, Task, check_shots, cut_at_stop, get_task
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of one model on one task, with everything needed to reproduce them."""
+
+    task: str
+    metrics: dict[str, float]
+    metadata: dict[str, Any]
+    samples: list[dict]  # one record per example: prompt, completions, task-specific scores
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "metrics": self.metrics, "metadata": self.metadata}
+
+    def to_markdown(self) -> str:
+        """A one-row markdown table: model, task, shots, limit, then each metric."""
+        names = list(self.metrics)
+        model = self.metadata["model"].get("name") or self.metadata["model"].get("class")
+        cells = [model, self.task, str(self.metadata["shots"]), str(self.metadata["limit"])]
+        cells += [
+            f"{self.metrics[k]:.2f}" if k.startswith(("chrf", "acc")) else f"{self.metrics[k]:.3f}"
+            for k in names
+        ]
+        header = ["model", "task", "shots", "limit", *names]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join([*lines, "| " + " | ".join(cells) + " |"]) + "\n"
+
+    def write(self, path: str | Path) -> tuple[Path, Path, Path]:
+        """Write `path` (JSON), `path` with .md (table) and .samples.jsonl (per example)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        md, samples = path.with_suffix(".md"), path.with_suffix(".samples.jsonl")
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        md.write_text(self.to_markdown())
+        with open(samples, "w", encoding="utf-8") as f:
+            for record in self.samples:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return path, md, samples
+
+
+def base_identity(model: Any) -> dict:
+    """Class, name or path, a hash of the config and the parameter count of one HF model."""
+    identity = {"class": type(model).__name__}
+    config = getattr(model, "config", None)
+    if config is not None:
+        identity["name_or_path"] = str(getattr(config, "_name_or_path", "") or "")
+        text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+        identity["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if hasattr(model, "parameters"):
+        identity["num_parameters"] = sum(p.numel() for p in model.parameters())
+    return identity
+
+
+def model_identity(model: Any, name: str | None = None) -> dict:
+    """Who was evaluated: the model's identity and, for CALM, its anchor, augments, connections."""
+    if isinstance(model, calm.CALM):
+        return {
+            "name": name,
+            "class": "CALM",
+            "anchor": base_identity(model.anchor),
+            "augments": [base_identity(a) for a in model.augments],
+            "connections": [dataclasses.asdict(c) for c in model.connections],
+            "num_trainable_parameters": model.num_trainable_parameters(),
+        }
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    identity = {"name": name, **base_identity(base)}
+    if base is not model:
+        identity["wrapper"] = type(model).__name__
+        identity["adapters"] = sorted(getattr(model, "peft_config", {}) or {})
+    return identity
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version(), "calm": calm.__version__}
+    for dist in ("torch", "transformers", "peft", "sacrebleu", "tokenizers"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def generate_completions(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    *,
+    max_new_tokens: int,
+    stop: tuple[str, ...],
+    batch_size: int = 8,
+    num_samples: int = 1,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[list[str]]:
+    """`num_samples` completions per example, each cut at the first stop string."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token first.")
+    sampling = num_samples > 1
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": sampling,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if sampling:
+        kwargs |= {"temperature": temperature, "top_p": top_p}
+    params = inspect.signature(model.generate).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) and stop:
+        kwargs |= {"stop_strings": list(stop), "tokenizer": tokenizer}
+    device = _device(model)
+    jobs = [(i, e.prompt) for i, e in enumerate(examples) for _ in range(num_samples)]
+    # Longest prompts first: less padding per batch, and an early out-of-memory.
+    jobs.sort(key=lambda job: -len(job[1]))
+    out: list[list[str]] = [[] for _ in examples]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        bar = tqdm(total=len(jobs), desc="generating", unit="sample", disable=not progress)
+        for b, start in enumerate(range(0, len(jobs), batch_size)):
+            batch = jobs[start : start + batch_size]
+            enc = tokenizer([p for _, p in batch], return_tensors="pt", padding=True)
+            if sampling:
+                torch.manual_seed(seed * 1_000_003 + b)
+            with torch.no_grad():
+                ids = model.generate(
+                    input_ids=enc["input_ids"].to(device),
+                    attention_mask=enc["attention_mask"].to(device),
+                    **kwargs,
+                )
+            new = ids[:, enc["input_ids"].shape[1] :]
+            for (i, _), row in zip(batch, new):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                out[i].append(cut_at_stop(text, stop))
+            bar.update(len(batch))
+        bar.close()
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def evaluate(
+    model: Any,
+    task: str | Task,
+    *,
+    tokenizer: Any,
+    shots: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    num_samples: int = 1,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+    data: str | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Generate for the first `limit` test examples of `task` and score them.
+
+    `task` is a registry name (`calm eval --list`) or a task object; `data` replaces the task's
+    default data source. `num_samples > 1` samples (temperature, top_p, seeded) for pass@k.
+    """
+    task = get_task(task, data=data) if isinstance(task, str) else task
+    shots = check_shots(task, shots)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of examples, got {limit}.")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError("num_samples and batch_size must be at least 1.")
+    examples = task.examples(shots)[:limit]
+    started = time.time()
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        completions = generate_completions(
+            model,
+            tokenizer,
+            examples,
+            max_new_tokens=max_new_tokens or task.max_new_tokens,
+            stop=task.stop,
+            batch_size=batch_size,
+            num_samples=num_samples,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            progress=progress,
+        )
+    finally:
+        if was_training:
+            model.train()
+    generation_seconds = time.time() - started
+    metrics, records = task.score(examples, completions)
+    samples = [
+        {"prompt": e.prompt, "completions": c, **r}
+        for e, c, r in zip(examples, completions, records)
+    ]
+    metadata = {
+        "model": model_identity(model, model_name),
+        "task": task.name,
+        "task_version": task.version,
+        "shots": shots,
+        "limit": limit,
+        "num_examples": len(examples),
+        "num_samples": num_samples,
+        "decoding": {"greedy": num_samples == 1}
+        | ({"temperature": temperature, "top_p": top_p} if num_samples > 1 else {}),
+        "max_new_tokens": max_new_tokens or task.max_new_tokens,
+        "seed": seed,
+        "batch_size": batch_size,
+        "versions": _versions(),
+        "platform": platform.platform(),
+        "argv": sys.argv,
+        "generation_seconds": round(generation_seconds, 1),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return EvalResult(task=task.name, metrics=metrics, metadata=metadata, samples=samples)
