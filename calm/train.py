@@ -747,3 +747,19 @@ def train(
         checkpoint=run.last_checkpoint,
         output_dir=str(out),
     )
+
+
+def resolve_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Path:
+    """The composition directory of a run: "last" (newest checkpoint), "best", or a path."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"Run directory {run} does not exist.")
+    if which == "last":
+        found = checkpoints(run)
+        if not found:
+            raise FileNotFoundError(f"{run} holds no checkpoint; train into it with `calm train`.")
+        return found[-1]
+    path = run / "best" if which == "best" else Path(which)
+    if not (path / "composition.safetensors").is_file():
+        raise FileNotFoundError(f"{path} holds no composition.safetensors.")
+    return path
