@@ -6,8 +6,9 @@
 Generation is batched with left padding through `model.generate(input_ids, attention_mask,
 max_new_tokens, do_sample, temperature, top_p, eos_token_id, pad_token_id)`, the signature HF,
 peft and CALM share; models whose `generate` takes **kwargs (HF, peft) also get the task's stop
-strings so they stop early. Greedy by default; with `num_samples > 1` (pass@k) sampling is seeded
-per batch. Each completion is cut at the task's first stop string before scoring.
+strings so they stop early (with a Hugging Face tokenizer). Greedy by default; with
+`num_samples > 1` (pass@k) sampling is seeded per batch. Each completion is cut at the task's
+first stop string before scoring.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 import calm
 from calm.tasks.registry import Example, Task, check_shots, cut_at_stop, get_task
@@ -146,7 +148,8 @@ def generate_completions(
     if sampling:
         kwargs |= {"temperature": temperature, "top_p": top_p}
     params = inspect.signature(model.generate).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) and stop:
+    hf_tokenizer = isinstance(tokenizer, PreTrainedTokenizerBase)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) and stop and hf_tokenizer:
         kwargs |= {"stop_strings": list(stop), "tokenizer": tokenizer}
     device = _device(model)
     jobs = [(i, e.prompt) for i, e in enumerate(examples) for _ in range(num_samples)]

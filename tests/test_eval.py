@@ -1,0 +1,197 @@
+"""calm.evaluate: the same harness scores an HF model, a peft model, a CALM and a stand-in."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+import transformers as T
+
+import calm
+from calm.eval import evaluate
+from calm.tasks.registry import Example, cut_at_stop, get_task, list_tasks
+
+PAD, EOS = 0, 1
+
+
+class ByteTokenizer:
+    """A lossless byte-level tokenizer stand-in: id = byte + 2; 0 pads, 1 ends."""
+
+    pad_token_id, eos_token_id, pad_token = PAD, EOS, "<pad>"
+    vocab_size = 258
+
+    def __init__(self) -> None:
+        self.padding_side = "right"
+
+    def __call__(self, texts, return_tensors="pt", padding=True):
+        rows = [[b + 2 for b in t.encode()] for t in texts]
+        width = max(map(len, rows))
+        ids, mask = [], []
+        for r in rows:
+            fill = [PAD] * (width - len(r))
+            ids.append(fill + r if self.padding_side == "left" else r + fill)
+            m = [0] * len(fill)
+            mask.append(m + [1] * len(r) if self.padding_side == "left" else [1] * len(r) + m)
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 2 for b in text.encode()]
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return bytes(int(i) - 2 for i in ids if int(i) > 1).decode(errors="replace")
+
+
+class CannedModel:
+    """A stand-in model whose `generate` (CALM's signature) answers each prompt from a table."""
+
+    def __init__(self, answers: dict[str, str], tokenizer: ByteTokenizer) -> None:
+        self.answers, self.tok = answers, tokenizer
+
+    def generate(
+        self, input_ids, attention_mask=None, max_new_tokens=20, do_sample=False,
+        temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None,
+    ):  # fmt: skip
+        rows = []
+        for ids in input_ids:
+            prompt = self.tok.decode(ids)
+            new = self.tok.encode(self.answers.get(prompt, ""))[:max_new_tokens]
+            rows.append(new + [PAD] * (max_new_tokens - len(new)))
+        return torch.cat([input_ids, torch.tensor(rows, dtype=torch.long)], dim=1)
+
+
+@dataclass(frozen=True)
+class EchoTask:
+    """A tiny task: continue the prompt; exact match with the reference."""
+
+    name: str = "echo"
+    version: str = "1"
+    default_shots: int = 0
+    max_shots: int = 0
+    max_new_tokens: int = 6
+    stop: tuple[str, ...] = ("\n",)
+
+    def examples(self, shots: int) -> list[Example]:
+        return [Example(id=str(i), prompt=f"say {w}:", reference=w) for i, w in enumerate("abc")]
+
+    def score(self, examples, completions):
+        records = [
+            {"id": e.id, "ok": cs[0].strip() == e.reference} for e, cs in zip(examples, completions)
+        ]
+        return {"accuracy": 100.0 * sum(r["ok"] for r in records) / len(records)}, records
+
+
+def tiny_llama(seed: int, layers: int = 2) -> T.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(
+        vocab_size=ByteTokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS,
+    )  # fmt: skip
+    return T.LlamaForCausalLM(config).eval()
+
+
+def test_registry_lists_every_task_and_refuses_unknown_names():
+    names = {t.name for t in list_tasks()}
+    assert {"humaneval", "mbpp-like", "code-to-text", "translation", "gsm8k", "mgsm"} <= names
+    with pytest.raises(ValueError, match="Unknown task 'nope'"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="Unknown MGSM language"):
+        get_task("mgsm:xx")
+    with pytest.raises(ValueError, match="no variants"):
+        get_task("humaneval:foo")
+
+
+def test_cut_at_stop_uses_the_earliest_stop_string():
+    assert cut_at_stop("abc\ndef\nclass", ("\nclass", "\nd")) == "abc"
+    assert cut_at_stop("abc", ("x",)) == "abc"
+
+
+def test_a_perfect_and_an_empty_stand_in_score_100_and_0():
+    tok = ByteTokenizer()
+    perfect = CannedModel({f"say {w}:": f" {w}\nmore" for w in "abc"}, tok)
+    result = evaluate(perfect, EchoTask(), tokenizer=tok, progress=False)
+    assert result.metrics == {"accuracy": 100.0}
+    assert [s["completions"] for s in result.samples] == [[" a"], [" b"], [" c"]]
+    silent = evaluate(CannedModel({}, tok), EchoTask(), tokenizer=tok, progress=False)
+    assert silent.metrics == {"accuracy": 0.0}
+
+
+def test_results_carry_what_reproduces_them_and_are_written(tmp_path):
+    tok = ByteTokenizer()
+    model = tiny_llama(0)
+    result = evaluate(
+        model, EchoTask(), tokenizer=tok, limit=2, seed=3, model_name="tiny", progress=False
+    )
+    meta = result.metadata
+    assert (meta["task"], meta["task_version"], meta["shots"], meta["limit"], meta["seed"]) == (
+        "echo", "1", 0, 2, 3,
+    )  # fmt: skip
+    assert meta["num_examples"] == 2 and len(result.samples) == 2
+    assert meta["model"]["name"] == "tiny" and meta["model"]["class"] == "LlamaForCausalLM"
+    assert meta["model"]["num_parameters"] == sum(p.numel() for p in model.parameters())
+    assert {"torch", "transformers", "calm", "python"} <= set(meta["versions"])
+    path, md, samples = result.write(tmp_path / "out" / "results.json")
+    saved = json.loads(path.read_text())
+    assert saved["metrics"] == result.metrics and saved["metadata"]["seed"] == 3
+    assert md.read_text().startswith("| model | task | shots | limit | accuracy |")
+    lines = samples.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["prompt"] == "say a:"
+
+
+def test_greedy_is_deterministic_and_sampling_is_seeded():
+    tok = ByteTokenizer()
+    model = tiny_llama(1)
+    runs = [evaluate(model, EchoTask(), tokenizer=tok, progress=False).samples for _ in range(2)]
+    assert runs[0] == runs[1]
+    sample = [
+        evaluate(model, EchoTask(), tokenizer=tok, num_samples=3, seed=s, progress=False).samples
+        for s in (7, 7, 8)
+    ]
+    assert sample[0] == sample[1] and sample[0] != sample[2]
+    assert all(len(s["completions"]) == 3 for s in sample[0])
+
+
+def test_batching_and_padding_side_are_restored():
+    tok = ByteTokenizer()
+    model = tiny_llama(2)
+    one = evaluate(model, EchoTask(), tokenizer=tok, batch_size=1, progress=False)
+    assert tok.padding_side == "right"
+    assert len(one.samples) == 3
+
+
+def test_a_peft_model_is_evaluated_through_the_same_harness():
+    peft = pytest.importorskip("peft")
+    tok = ByteTokenizer()
+    base = tiny_llama(3)
+    lora = peft.get_peft_model(
+        base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
+    result = evaluate(lora, EchoTask(), tokenizer=tok, progress=False)
+    assert result.metadata["model"]["wrapper"] == "PeftModelForCausalLM"
+    assert result.metadata["model"]["adapters"] == ["default"]
+    # LoRA starts as a no-op (B = 0), so its greedy completions equal the base model's.
+    with lora.disable_adapter():
+        plain = evaluate(lora, EchoTask(), tokenizer=tok, progress=False)
+    assert [s["completions"] for s in result.samples] == [s["completions"] for s in plain.samples]
+
+
+def test_a_calm_composition_is_evaluated_and_equals_its_anchor_at_init():
+    tok = ByteTokenizer()
+    anchor, augment = tiny_llama(4, layers=4), tiny_llama(5, layers=4)
+    composed = calm.CALM(anchor, augment, calm.CALMConfig())
+    result = evaluate(composed, EchoTask(), tokenizer=tok, progress=False)
+    alone = evaluate(anchor, EchoTask(), tokenizer=tok, progress=False)
+    assert result.metadata["model"]["class"] == "CALM"
+    assert result.metadata["model"]["anchor"]["class"] == "LlamaForCausalLM"
+    assert len(result.metadata["model"]["connections"]) == len(composed.connections)
+    assert [s["completions"] for s in result.samples] == [s["completions"] for s in alone.samples]
+
+
+def test_bad_arguments_are_refused():
+    tok = ByteTokenizer()
+    with pytest.raises(ValueError, match="limit"):
+        evaluate(CannedModel({}, tok), EchoTask(), tokenizer=tok, limit=0)
+    with pytest.raises(ValueError, match="shots"):
+        evaluate(CannedModel({}, tok), EchoTask(), tokenizer=tok, shots=2)
