@@ -19,7 +19,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from calm.tasks.kv import DIGITS, LETTERS, SYMBOLS, Example, KVScale, KVTask
+from calm.tasks.kv import DIGITS, LETTERS, SYMBOLS, Example, Expression, KVScale, KVTask
 
 SPECIAL = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 BASE_MODELS = ("mA", "mB", "vanilla_mA")
@@ -92,6 +92,7 @@ class PretrainConfig:
     eval_size: int = 300
     save_every: int = 250
     target_accuracy: float = 0.99
+    lookup_fraction: float = 0.5
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -107,16 +108,26 @@ class PretrainConfig:
 # --- data ------------------------------------------------------------------------------------
 
 
-def training_source(task: KVTask, model: str) -> Callable[[random.Random], Example]:
+def training_source(
+    task: KVTask, model: str, lookup_fraction: float = 0.0
+) -> Callable[[random.Random], Example]:
     """The example generator each base model trains on.
 
     mA: KV-SUBS over all keys. mB: NUM-MATH over any values. vanilla_mA: KV-SUBS over a different
-    key-value map (same architecture, same format, other knowledge).
+    key-value map (same architecture, same format, other knowledge). For mA and vanilla_mA a
+    `lookup_fraction` of the examples are single-key substitutions ("abc=" -> "012"), which
+    teach the map directly before the model has learned to find the i-th key of an expression.
     """
     if model == "mB":
         return task.random_numeric_expression
     source = task if model == "mA" else KVTask(KVScale(**{**task.scale.to_dict(), "map_seed": 1}))
-    return lambda rng: source.kv_subs(source.sample_expression(rng, source.keys))
+
+    def draw(rng: random.Random) -> Example:
+        if rng.random() < lookup_fraction:
+            return source.kv_subs(Expression((rng.choice(source.keys),), ()))
+        return source.kv_subs(source.sample_expression(rng, source.keys))
+
+    return draw
 
 
 def eval_examples(task: KVTask, model: str, n: int) -> list[Example]:
@@ -224,7 +235,7 @@ def pretrain(cfg: PretrainConfig, verbose: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     task = KVTask(cfg.scale)
     tokenizer = build_tokenizer()
-    draw = training_source(task, cfg.model)
+    draw = training_source(task, cfg.model, cfg.lookup_fraction)
     gate = eval_examples(task, cfg.model, cfg.eval_size)
     gate_prompts = {ex.prompt for ex in gate}
 

@@ -27,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target-accuracy", type=float, default=d.target_accuracy, help="Stop at this accuracy."
     )
+    parser.add_argument(
+        "--lookup-fraction",
+        type=float,
+        default=d.lookup_fraction,
+        help="mA/vanilla_mA: share of single-key examples.",
+    )
     parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads.")
     parser.add_argument("--hidden-size", type=int, default=s.hidden_size, help="Model width.")
     parser.add_argument("--layers", type=int, default=s.num_layers, help="Decoder layers.")
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         eval_size=args.eval_size,
         save_every=args.save_every,
         target_accuracy=args.target_accuracy,
+        lookup_fraction=args.lookup_fraction,
         threads=args.threads,
     )
     summary = pretrain(cfg)

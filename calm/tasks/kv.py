@@ -4,14 +4,16 @@ Formats (one character per token; `W` = value width, `R` = result width, both ze
 
     D_KV       a map key -> value; keys are 2-6 lowercase letters, values are the integers
                1..num_keys in a seeded random order (unique, as in the paper)
-    KV-SUBS    prompt "abc+de-fgh="      completion "012+034-005"
-    NUM-MATH   prompt "012+034-005="     completion "640|140"
+    KV-SUBS    prompt "abc+de-fgh="      completion "210+430-500"
+    NUM-MATH   prompt "210+430-500="     completion "640|140"
     KV-MATH    prompt "abc+de-fgh="      completion "640|140"
-    SUBS+MATH  prompt "abc+de-fgh="      completion "012+034-005=640|140"   (variant c)
+    SUBS+MATH  prompt "abc+de-fgh="      completion "210+430-500=640|140"   (variant c)
 
-The numeric answer is a scratchpad of running results, one per operator, each written with its
-digits reversed (least significant first) and zero padded to `R` digits: 12+34 = 46 -> "640",
-46-5 = 41 -> "140". The last chunk is the result (41). Expressions are drawn so that every running
+Every number is written least significant digit first and zero padded to a fixed width (values
+`W` digits, results `R`): 12 -> "210" when W = 3. With fixed widths, each digit of a result sits
+at a constant distance from the digits it depends on, which small models learn quickly. The
+numeric answer is a scratchpad of running results, one per operator: 12+34 = 46 -> "640",
+46-5 = 41 -> "140"; the last chunk is the result (41). Expressions are drawn so that every running
 result is non-negative (no sign to predict). Multiplication is not used at the default scale.
 """
 
@@ -169,7 +171,7 @@ class KVTask:
 
     def value_string(self, e: Expression) -> str:
         w = self.scale.value_width
-        return self._join([str(self.kv[k]).zfill(w) for k in e.keys], e.ops)
+        return self._join([str(self.kv[k]).zfill(w)[::-1] for k in e.keys], e.ops)
 
     def scratchpad(self, e: Expression) -> str:
         w = self.scale.result_width
@@ -212,7 +214,7 @@ class KVTask:
             if min(running) >= 0:
                 break
         w, rw = self.scale.value_width, self.scale.result_width
-        prompt = self._join([str(v).zfill(w) for v in values], ops) + "="
+        prompt = self._join([str(v).zfill(w)[::-1] for v in values], ops) + "="
         completion = "|".join(str(r).zfill(rw)[::-1] for r in running)
         return Example(prompt, completion, running[-1])
 

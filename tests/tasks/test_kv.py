@@ -14,10 +14,11 @@ def task():
 
 
 def _numeric(expr: str) -> int:
-    """Evaluate a numeric expression left to right (the task's convention)."""
+    """Evaluate a numeric expression (digits reversed) left to right (the task's convention)."""
     tokens = re.findall(r"\d+|[+\-*]", expr)
-    acc = int(tokens[0])
+    acc = int(tokens[0][::-1])
     for op, x in zip(tokens[1::2], tokens[2::2], strict=True):
+        x = x[::-1]
         acc = acc + int(x) if op == "+" else acc - int(x) if op == "-" else acc * int(x)
     return acc
 
@@ -58,7 +59,9 @@ def test_formats_and_results_are_exact(task):
     for e in task.sample_expressions(200, held, seed=0):
         subs, num, kvm, both = task.kv_subs(e), task.num_math(e), task.kv_math(e), task.subs_math(e)
         assert subs.prompt == kvm.prompt == both.prompt == task.key_string(e) + "="
-        expected_subs = re.sub(r"[a-z]+", lambda m: str(task.kv[m.group()]).zfill(3), subs.prompt)
+        expected_subs = re.sub(
+            r"[a-z]+", lambda m: str(task.kv[m.group()]).zfill(3)[::-1], subs.prompt
+        )
         assert subs.completion + "=" == expected_subs == num.prompt
         true = _numeric(subs.completion)
         assert num.answer == kvm.answer == both.answer == true >= 0
