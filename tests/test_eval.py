@@ -195,3 +195,35 @@ def test_bad_arguments_are_refused():
         evaluate(CannedModel({}, tok), EchoTask(), tokenizer=tok, limit=0)
     with pytest.raises(ValueError, match="shots"):
         evaluate(CannedModel({}, tok), EchoTask(), tokenizer=tok, shots=2)
+
+
+def _smollm2_or_skip():
+    from calm import hub_offline
+
+    if not hub_offline.available("smollm2-135m"):
+        pytest.skip(
+            "SmolLM2-135M is not converted: run `python -m calm.hub_offline model smollm2-135m`"
+        )
+    pytest.importorskip("sacrebleu")
+    path = str(hub_offline.model_dir("smollm2-135m"))
+    return path, T.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.slow
+def test_real_smollm2_runs_tasks_and_its_composition_equals_it_at_init():
+    path, tok = _smollm2_or_skip()
+    anchor = T.AutoModelForCausalLM.from_pretrained(path).eval()
+    augment = T.AutoModelForCausalLM.from_pretrained(path).eval()
+    augment.model.layers = augment.model.layers[:8]  # a shallower, different augmenting model
+    augment.config.num_hidden_layers = 8
+    task = get_task("mgsm:en")
+    alone = evaluate(
+        anchor, task, tokenizer=tok, limit=2, shots=1, max_new_tokens=24, progress=False
+    )
+    composed = calm.CALM(anchor, augment, calm.CALMConfig())
+    both = evaluate(
+        composed, task, tokenizer=tok, limit=2, shots=1, max_new_tokens=24, progress=False
+    )
+    assert [s["completions"] for s in both.samples] == [s["completions"] for s in alone.samples]
+    assert all(s["completions"][0].strip() for s in alone.samples)
+    assert set(alone.metrics) == {"accuracy"}
