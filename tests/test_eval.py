@@ -227,3 +227,70 @@ def test_real_smollm2_runs_tasks_and_its_composition_equals_it_at_init():
     assert [s["completions"] for s in both.samples] == [s["completions"] for s in alone.samples]
     assert all(s["completions"][0].strip() for s in alone.samples)
     assert set(alone.metrics) == {"accuracy"}
+
+
+def _saved_tiny_model(directory, seed: int, layers: int = 4) -> str:
+    """A tiny Llama and a lossless byte-level HF tokenizer saved in `directory`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": PAD, "<eos>": EOS} | {c: i + 2 for i, c in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    tok.save_pretrained(directory)
+    tiny_llama(seed, layers).save_pretrained(directory)
+    return str(directory)
+
+
+def _write_math_data(root):
+    (root / "gsm8k").mkdir(parents=True)
+    (root / "mgsm").mkdir()
+    row = {"question": "One plus one?", "answer": "1+1=2\n#### 2"}
+    for name in ("train", "test"):
+        (root / "gsm8k" / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+    (root / "mgsm" / "mgsm_sw.tsv").write_text("Moja jumlisha moja?\t2\n")
+    return str(root)
+
+
+def test_cli_lists_tasks_and_refuses_bad_input(capsys):
+    from calm.cli import main
+
+    assert main(["eval", "--list"]) == 0
+    assert "humaneval" in capsys.readouterr().out
+    assert main(["eval", "--task", "humaneval"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["eval", "--task", "nope", "--model", "x"]) == 2
+    assert "Unknown task" in capsys.readouterr().err
+
+
+def test_cli_evaluates_a_model_and_a_composition(tmp_path, capsys):
+    from calm.cli import main
+
+    data = _write_math_data(tmp_path / "data")
+    anchor = _saved_tiny_model(tmp_path / "anchor", seed=6)
+    common = ["--data", data, "--limit", "1", "--shots", "1", "--max-new-tokens", "5"]
+    out = tmp_path / "model.json"
+    assert main(["eval", "--task", "mgsm:sw", "--model", anchor, *common, "--out", str(out)]) == 0
+    assert "| anchor | mgsm:sw | 1 | 1 |" in capsys.readouterr().out
+    alone = json.loads(out.with_suffix(".samples.jsonl").read_text())
+
+    augment = _saved_tiny_model(tmp_path / "augment", seed=7)
+    composed = calm.CALM(
+        T.AutoModelForCausalLM.from_pretrained(anchor),
+        T.AutoModelForCausalLM.from_pretrained(augment),
+        calm.CALMConfig(),
+    )
+    run = tmp_path / "run"
+    composed.save_pretrained(run / "checkpoints" / "step-1")
+    (run / "checkpoints" / "step-1" / "state.json").write_text("{}")
+    out = tmp_path / "composition.json"
+    assert (
+        main(["eval", "--task", "mgsm:sw", "--composition", str(run), *common, "--out", str(out)])
+        == 0
+    )
+    saved = json.loads(out.read_text())
+    assert saved["metadata"]["model"]["class"] == "CALM"
+    both = json.loads(out.with_suffix(".samples.jsonl").read_text())
+    assert both["completions"] == alone["completions"]  # zero-initialized: equals the anchor
