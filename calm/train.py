@@ -721,7 +721,10 @@ def train(
         torch.manual_seed(cfg.seed + run.rank)
     if run.main:
         out.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out / "checkpoints" / ".tmp", ignore_errors=True)
+        for stale in (out / "checkpoints").glob(".tmp-*"):  # left by a crash while saving
+            shutil.rmtree(stale)
+        if not (resume and existing):
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         atomic_write_text(config_path, cfg.to_json())
         for d in (data, evals):
             if d is not None and (d.num_truncated or d.num_dropped):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -114,6 +115,18 @@ def test_resume_is_bitwise_exact(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_bf16_autocast_trains(tmp_path):
+    model = make_model(dropout=0.0)
+    before = weights(model)
+    result = train(
+        model, records(8), config=config(tmp_path, "bf16", max_steps=2, precision="bf16")
+    )
+    assert result.skipped_steps == 0
+    assert all(math.isfinite(v) for v in losses(tmp_path / "bf16").values())
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(before, weights(model)))
+
+
 def test_resume_refusals(tmp_path):
     data = records(8)
     train(make_model(), data, config=config(tmp_path, "r", max_steps=4, stop_after=2))
@@ -133,6 +146,7 @@ def test_resume_refusals(tmp_path):
     assert train(make_model(), data, config=cfg, resume=True, force=True).step == 4
 
 
+@pytest.mark.slow
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     data = records(8)
     cfg = config(tmp_path, "crash", max_steps=6, save_every=2)
@@ -158,6 +172,8 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert loaded.num_trainable_parameters() > 0
     result = train(make_model(), data, config=cfg, resume=True)
     assert result.step == 6
+    leftovers = [p.name for p in (Path(cfg.output_dir) / "checkpoints").glob(".tmp-*")]
+    assert leftovers == []
     reference = make_model()
     train(reference, data, config=config(tmp_path, "ref", max_steps=6))
     assert losses(cfg.output_dir) == losses(tmp_path / "ref")
