@@ -67,6 +67,10 @@ os._exit(0)
 """
 
 
+class SandboxError(RuntimeError):
+    """The sandbox itself could not be set up (not a verdict on the program)."""
+
+
 @dataclass(frozen=True)
 class SandboxResult:
     """How one sandboxed program ended."""
@@ -181,6 +185,16 @@ def _uid_processes(uid: int) -> list[int]:
     return pids
 
 
+def _hideable(path: str) -> bool:
+    """A directory that may be covered with an empty tmpfs (never /, /dev, /proc or /sys)."""
+    real = os.path.realpath(path)
+    return (
+        os.path.isdir(real)
+        and real not in ("/", "/dev")
+        and real.split("/")[1] not in ("proc", "sys")
+    )
+
+
 def _project_root() -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return root if os.path.isfile(os.path.join(root, "pyproject.toml")) else None
@@ -233,7 +247,7 @@ def execute(
         "privileged": privileged,
         "uid": uid,
         "cgroups": list(cgroups.dirs) if cgroups else [],
-        "hide": sorted({os.path.realpath(p) for p in hidden if os.path.isdir(p)}),
+        "hide": sorted({os.path.realpath(p) for p in hidden if _hideable(p)}),
         "keep": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}),
         "work": work,
         "cpu_seconds": int(timeout) + 1,
@@ -244,6 +258,7 @@ def execute(
     nonce = secrets.token_hex(16).encode()
     nonce_r, nonce_w = os.pipe()
     done_r, done_w = os.pipe()
+    setup_r, setup_w = os.pipe()  # the bootstrap reports a failed set-up here, never the program
     os.write(nonce_w, nonce)
     os.close(nonce_w)
     env = {
@@ -257,7 +272,7 @@ def execute(
         "MKL_NUM_THREADS": "1",
     }
     argv = [sys.executable, "-I", "-B", os.path.abspath(__file__), "--child", json.dumps(spec)]
-    argv += [str(nonce_r), str(done_w)]
+    argv += [str(nonce_r), str(done_w), str(setup_w)]
     out_path, err_path = os.path.join(host_dir, "stdout"), os.path.join(host_dir, "stderr")
     start = time.monotonic()
     returncode: int | None = None
@@ -271,10 +286,11 @@ def execute(
                 env=env,
                 cwd=work,
                 start_new_session=True,
-                pass_fds=(nonce_r, done_w),
+                pass_fds=(nonce_r, done_w, setup_w),
             )
         os.close(nonce_r)
         os.close(done_w)
+        os.close(setup_w)
         try:
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -293,6 +309,16 @@ def execute(
                     _kill_uid(uid)
             proc.wait()
         duration = time.monotonic() - start
+        os.set_blocking(setup_r, False)
+        try:
+            setup_error = os.read(setup_r, 4096).decode(errors="replace")
+        except BlockingIOError:
+            setup_error = ""
+        if setup_error:
+            raise SandboxError(
+                f"The sandbox could not isolate the program ({setup_error.strip()}); it needs "
+                "Linux mount/network namespaces and setuid as root, or an unprivileged caller."
+            )
         os.set_blocking(done_r, False)
         try:
             reported = os.read(done_r, 64)
@@ -302,6 +328,7 @@ def execute(
         stderr, cut_err = _read_capped(err_path, max_output)
     finally:
         os.close(done_r)
+        os.close(setup_r)
         if cgroups:
             cgroups.remove()
         shutil.rmtree(host_dir, ignore_errors=True)
@@ -371,38 +398,43 @@ def _isolate_filesystem(spec: dict) -> str:
     return work
 
 
-def _child(spec: dict, nonce_fd: int, done_fd: int) -> None:
+def _child(spec: dict, nonce_fd: int, done_fd: int, setup_fd: int) -> None:
     """Bootstrap inside the child: cgroups, namespaces, rlimits, uid; then exec the runner."""
     import resource
 
-    work = spec["work"]
-    if spec["privileged"]:
-        for d in spec["cgroups"]:
-            _write(os.path.join(d, "cgroup.procs"), str(os.getpid()))
-        work = _isolate_filesystem(spec)
-        os.setgroups([])
-        os.setgid(spec["uid"])
-        os.setuid(spec["uid"])
-    os.chdir(work)
-    limits = {
-        resource.RLIMIT_CPU: spec["cpu_seconds"],
-        resource.RLIMIT_AS: spec["memory_bytes"],
-        resource.RLIMIT_FSIZE: spec["file_bytes"],
-        resource.RLIMIT_NPROC: spec["max_processes"],
-        resource.RLIMIT_CORE: 0,
-        resource.RLIMIT_NOFILE: 64,
-    }
-    if not spec["privileged"]:  # NPROC counts all of this user's processes: allow for them
-        limits[resource.RLIMIT_NPROC] += len(_uid_processes(os.getuid()))
-    for which, value in limits.items():
-        resource.setrlimit(which, (value, value))
-    os.set_inheritable(nonce_fd, True)
-    os.set_inheritable(done_fd, True)
-    os.execv(
-        sys.executable,
-        [sys.executable, "-I", "-B", "-c", _RUNNER, str(nonce_fd), str(done_fd)],
-    )
+    os.set_inheritable(setup_fd, False)  # closed by exec: the program never holds it
+    try:
+        work = spec["work"]
+        if spec["privileged"]:
+            for d in spec["cgroups"]:
+                _write(os.path.join(d, "cgroup.procs"), str(os.getpid()))
+            work = _isolate_filesystem(spec)
+            os.setgroups([])
+            os.setgid(spec["uid"])
+            os.setuid(spec["uid"])
+        os.chdir(work)
+        limits = {
+            resource.RLIMIT_CPU: spec["cpu_seconds"],
+            resource.RLIMIT_AS: spec["memory_bytes"],
+            resource.RLIMIT_FSIZE: spec["file_bytes"],
+            resource.RLIMIT_NPROC: spec["max_processes"],
+            resource.RLIMIT_CORE: 0,
+            resource.RLIMIT_NOFILE: 64,
+        }
+        if not spec["privileged"]:  # NPROC counts all of this user's processes: allow for them
+            limits[resource.RLIMIT_NPROC] += len(_uid_processes(os.getuid()))
+        for which, value in limits.items():
+            resource.setrlimit(which, (value, value))
+        os.set_inheritable(nonce_fd, True)
+        os.set_inheritable(done_fd, True)
+        os.execv(
+            sys.executable,
+            [sys.executable, "-I", "-B", "-c", _RUNNER, str(nonce_fd), str(done_fd)],
+        )
+    except BaseException as e:  # noqa: BLE001 - any failure here is a set-up failure
+        os.write(setup_fd, f"{type(e).__name__}: {e}".encode())
+        os._exit(121)
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--child":
-    _child(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--child":
+    _child(json.loads(sys.argv[2]), *map(int, sys.argv[3:]))
