@@ -72,21 +72,29 @@ class CrossAttentionBlock(nn.Module):
         anchor_states: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-        mask: torch.Tensor,
-        query_valid: torch.Tensor,
+        mask: torch.Tensor | None,
+        query_valid: torch.Tensor | None,
     ) -> torch.Tensor:
         """(B, T, D) anchor states -> (B, T, D) residual.
 
         mask: (B, 1, T, S) bool, True where query t may attend key s; every row has a True.
-        query_valid: (B, T, 1), 0 for rows that must get no residual (nothing to attend, padding).
+            None when nothing is padded and the queries are the last T keys' positions with
+            T == S or T == 1: then query t sees keys s <= t (plain causal attention, no mask built).
+        query_valid: (B, T, 1), 0 for rows that must get no residual (nothing to attend, padding);
+            None when every row gets its residual.
         """
         B, T, D = anchor_states.shape
         q = self._heads(self.q(self.query_norm(anchor_states)))  # (B, H, T, Dh)
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            q,
+            keys,
+            values,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
         )  # (B, H, T, Dh)
         out = self.o(out.transpose(1, 2).reshape(B, T, D))
-        return out * query_valid
+        return out if query_valid is None else out * query_valid
 
 
 def attention_mask(

@@ -382,6 +382,15 @@ class CALM(nn.Module):
                 for k, v in zip(key_masks, visible)
             ]
         offset = past_length if self.config.mode == "causal" else None
+        T = query_valid.shape[1]
+        if (
+            offset is not None
+            and (offset == 0 or T == 1)
+            and all(k.shape[1] == offset + T for k in key_masks)
+            and bool(query_valid.all())
+            and all(bool(k.all()) for k in key_masks)
+        ):  # nothing padded: plain causal attention, no mask to build (see CrossAttentionBlock)
+            return [(None, None)] * len(key_masks)
         built: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         out = []
         for key_mask in key_masks:
