@@ -74,6 +74,7 @@ class TrainConfig:
     aug_cache: str = "none"  # reuse augmenting states across epochs: "none", "memory", "disk"
     cache_dtype: str = "float32"  # dtype of cached states (bfloat16/float16 halve the memory)
     bucket_by_length: bool = False  # batch examples of similar length together
+    gradient_checkpointing: bool = False  # recompute anchor layers in backward to save memory
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     stop_after: int | None = None  # checkpoint and return after this step, as if interrupted
     progress: bool = True  # show a progress bar
@@ -240,6 +241,42 @@ class AugCache:
                 padded[row, : lengths[row]] = states[key]
             out[key] = padded.to(device)
         return out
+
+
+@contextlib.contextmanager
+def anchor_checkpointing(model: CALM, enabled: bool = True):
+    """Within this context, every anchor decoder layer's own `forward` runs under
+    `torch.utils.checkpoint` (recomputed in backward, its activations not kept).
+
+    Only the layer's `forward` is checkpointed, not its `__call__`: the composition's forward
+    hooks, which add the cross-attention residual, run outside the checkpointed region, so the
+    recomputation in backward (after `CALM.forward` has removed its hooks) is the anchor layer
+    alone, exactly as in the first pass.
+    """
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(hf.decoder_layers(model.anchor))
+
+    def wrap(forward):
+        def checkpointed(*args, **kwargs):
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return checkpointed
+
+    own = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's device hooks
+    for layer in layers:
+        layer.forward = wrap(layer.forward)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 class _Signals:
@@ -733,7 +770,7 @@ def train(
                     f"{d.num_dropped} dropped for having no target token left"
                 )
     run.acc.wait_for_everyone()
-    with _Signals() as signals:
+    with _Signals() as signals, anchor_checkpointing(model, cfg.gradient_checkpointing):
         interrupted = run.loop(signals)
     if signals.received is not None:
         run.say(f"stopped by signal {signals.received}; checkpoint {run.last_checkpoint}")

@@ -227,6 +227,40 @@ def test_loss_counts_only_labelled_tokens(tmp_path):
     assert abs(first - all_total / all_count) > 1e-3
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from calm import hf
+    from calm.train import anchor_checkpointing
+
+    model = make_model(dropout=0.0)
+    ids = torch.randint(3, VOCAB, (2, 9))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.trainable_parameters()]
+
+    plain = grads()
+    layers = list(hf.decoder_layers(model.anchor))
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    inner = [0] * len(layers)
+    originals = [layer.forward for layer in layers]
+    for i, layer in enumerate(layers):  # counts runs of the layer body, first pass and recompute
+        layer.forward = lambda *a, i=i, **k: (
+            inner.__setitem__(i, inner[i] + 1),
+            originals[i](*a, **k),
+        )[1]
+    with anchor_checkpointing(model):
+        checkpointed = grads()
+    assert calls == [1] * len(layers)
+    first = min(c.anchor_layer for c in model.connections)
+    assert inner[first + 1 :] == [2] * (len(layers) - first - 1)  # recomputed in backward
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert any(float(g.abs().sum()) > 0 for g in plain)
+
+
 def test_augmenting_states_reuse(pair):
     model = make_model(dropout=0.0)
     ids = torch.randint(3, VOCAB, (2, 9))

@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dtype", choices=CACHE_DTYPES, default=d.cache_dtype, help="Cached state dtype."
     )
     opt.add_argument("--bucket-by-length", action="store_true", help="Batch similar lengths.")
+    opt.add_argument(
+        "--gradient-checkpointing", action="store_true", help="Recompute anchor layers."
+    )
     opt.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps, help="NaN limit.")
     run = parser.add_argument_group("run control")
     run.add_argument("--eval-every", type=int, help="Steps between evaluations.")
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         aug_cache=args.aug_cache,
         cache_dtype=args.cache_dtype,
         bucket_by_length=args.bucket_by_length,
+        gradient_checkpointing=args.gradient_checkpointing,
         max_bad_steps=args.max_bad_steps,
         progress=not args.no_progress,
     )
