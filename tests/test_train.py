@@ -115,7 +115,7 @@ def test_resume_is_bitwise_exact(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_bf16_autocast_trains(tmp_path):
+def test_bf16_autocast_with_gradient_checkpointing_trains(tmp_path):
     model = make_model(dropout=0.0)
     before = weights(model)
     result = train(
