@@ -42,6 +42,17 @@ def _replace_hidden(output, hidden: torch.Tensor):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
+def _mask_kwargs(attention_mask: torch.Tensor, past_length: int) -> dict:
+    """attention_mask and position_ids for a base model's forward; none when nothing is padded,
+    where the model derives the same positions itself and skips its per-call mask work."""
+    if bool(attention_mask.all()):
+        return {}
+    return {
+        "attention_mask": attention_mask,
+        "position_ids": hf.position_ids(attention_mask, past_length),
+    }
+
+
 class CALM(nn.Module):
     """Compose `anchor` with one or more `augments` (Hugging Face causal LMs), both frozen.
 
@@ -326,8 +337,7 @@ class CALM(nn.Module):
         attention_mask = attention_mask.to(device)
         kwargs = dict(
             input_ids=input_ids.to(device),
-            attention_mask=attention_mask,
-            position_ids=hf.position_ids(attention_mask, past_length),
+            **_mask_kwargs(attention_mask, past_length),
             **hf.cache_kwargs(hf.backbone(aug), cache),
         )
         try:
@@ -484,8 +494,7 @@ class CALM(nn.Module):
     ) -> torch.Tensor:
         kwargs = dict(
             input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=hf.position_ids(attention_mask, past_length),
+            **_mask_kwargs(attention_mask, past_length),
             **hf.cache_kwargs(self.anchor, cache),
         )
         if last_only and hf.accepts(self.anchor, "logits_to_keep"):
