@@ -92,7 +92,7 @@ def iter_pairs(root: str | Path, split: str) -> Iterator[dict]:
 
 
 def _format(pair: dict) -> str:
-    return f"{pair['code']}\n# Summary: "
+    return f"{pair['code']}\n# Summary:"
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class CodeToText:
 
     def examples(self, shots: int) -> list[Example]:
         shot_pairs = itertools.islice(iter_pairs(self.root, "train"), shots)
-        context = "".join(f"{_format(p)}{p['summary']}\n\n" for p in shot_pairs)
+        context = "".join(f"{_format(p)} {p['summary']}\n\n" for p in shot_pairs)
         return [
             Example(id=p["id"], prompt=context + _format(p), reference=p["summary"])
             for p in iter_pairs(self.root, "test")

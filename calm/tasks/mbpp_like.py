@@ -8,9 +8,10 @@ reproducible: 716 of them. Split (deterministic, by position after a seeded shuf
 50 are the pool of in-context examples, the rest the test set. 3-shot by default.
 
 Each prompt gives the description and the input/output spec, and asks for `main_solution`
-in a fenced code block. Scoring, in the sandbox: the input generator (seeded) makes 5 inputs, the
-reference and the completion are run on each, and the example passes when all outputs are equal
-(floats to a relative 1e-6). Metric: pass@k, as for HumanEval.
+in a fenced code block. Scoring, in the sandbox: the input generator (seeded, run in the
+reference's namespace, as reasoning-gym does) makes 5 inputs, the reference and the completion
+are run on each, and the example passes when all outputs are equal (floats to a relative 1e-6).
+Metric: pass@k, as for HumanEval.
 """
 
 from __future__ import annotations
@@ -48,12 +49,11 @@ def _same(a, b):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a == b
 
-_gen_ns = {{"Random": random.Random}}
-exec({generator!r}, _gen_ns)
-_ref_ns = {{}}
+_ref_ns = {{"Random": random.Random}}
 exec({reference!r}, _ref_ns)
+exec({generator!r}, _ref_ns)  # generators use the reference's imports and helpers
 _rng = random.Random({seed})
-_inputs = [_gen_ns["generate_input"](_rng) for _ in range({n})]
+_inputs = [_ref_ns["generate_input"](_rng) for _ in range({n})]
 _expected = [_ref_ns["main_solution"](**copy.deepcopy(x)) for x in _inputs]
 _cand_ns = {{}}
 exec({candidate!r}, _cand_ns)

@@ -65,9 +65,11 @@ def test_prompt_has_shots_from_train_only(tmp_path):
     task = CodeToText(root=str(root))
     examples = task.examples(3)
     train_codes = [p["code"] for p in iter_pairs(root, "train")][:3]
-    assert examples[0].prompt.count("# Summary: ") == 4
-    assert examples[0].prompt.startswith(train_codes[0])
-    assert examples[0].prompt.endswith(f"{examples[0].meta.get('code', '')}# Summary: ")
+    test_pairs = list(iter_pairs(root, "test"))
+    assert [e.reference for e in examples] == [p["summary"] for p in test_pairs]
+    prompt = examples[0].prompt
+    assert prompt.count("\n# Summary: ") == 3 and prompt.startswith(train_codes[0])
+    assert prompt.endswith(f"\n\n{test_pairs[0]['code']}\n# Summary:")
 
 
 def test_chrf_hand_values():
