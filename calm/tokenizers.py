@@ -70,6 +70,7 @@ class _Side:
         self.lead = self._leading_specials(tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
+        self.eos_id = getattr(tokenizer, "eos_token_id", None)
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
 
     def _leading_specials(self, tokenizer) -> tuple[int, ...]:
@@ -168,15 +169,30 @@ class TokenizerPair:
         """The number of augmenting tokenizers."""
         return len(self.augs)
 
-    def __call__(self, texts: str | Sequence[str]) -> AlignedBatch:
+    def _anchor_rows(
+        self, texts: list[str], append_eos: bool
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per text: anchor ids, and the character where each anchor token's text ends."""
+        if append_eos and self.anchor.eos_id is None:
+            raise ValueError("The anchor tokenizer has no eos_token; set one to append it.")
+        rows, ends = [], []
+        lead = np.zeros(len(self.anchor.lead), dtype=np.int64)
+        for text, (ids, _, tok_ends) in zip(texts, self.anchor.encode(texts)):
+            row_ends = np.maximum.accumulate(np.concatenate([lead, tok_ends]))
+            if append_eos:  # EOS adds no text: it sees what the last token sees
+                ids = np.append(ids, self.anchor.eos_id)
+                row_ends = np.append(row_ends, len(text))
+            rows.append(ids)
+            ends.append(row_ends)
+        return rows, ends
+
+    def __call__(self, texts: str | Sequence[str], append_eos: bool = False) -> AlignedBatch:
+        """Tokenize and align `texts`; `append_eos` ends each anchor row with the anchor's EOS
+        (for training a model to stop; the augmenting side never sees an end)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("TokenizerPair takes a non-empty list of strings.")
-        anchor_rows, anchor_ends = [], []
-        for ids, _, ends in self.anchor.encode(texts):
-            anchor_rows.append(ids)
-            lead = np.zeros(len(self.anchor.lead), dtype=np.int64)
-            anchor_ends.append(np.maximum.accumulate(np.concatenate([lead, ends])))
+        anchor_rows, anchor_ends = self._anchor_rows(texts, append_eos)
         input_ids, attention_mask = _left_pad(anchor_rows, self.anchor.pad_id)
         batch = AlignedBatch(
             input_ids=input_ids,
@@ -197,6 +213,25 @@ class TokenizerPair:
             batch["aug_attention_mask"].append(mask)
             batch["aug_visible"].append(visible)
         return batch
+
+    def labels(
+        self, batch: AlignedBatch, prompt_chars: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """(B, T) labels for `model(**batch, labels=...)`: the anchor ids, with -100 on padding
+        and on the anchor tokens that end within the first prompt_chars[b] characters of text b
+        (a prompt whose continuation alone is trained)."""
+        texts = batch["texts"]
+        mask = batch["attention_mask"].bool()
+        _, ends = self._anchor_rows(texts, append_eos=False)
+        for b, n in enumerate(mask.sum(-1).tolist()):
+            if n == len(ends[b]) + 1:  # made with append_eos
+                ends[b] = np.append(ends[b], len(texts[b]))
+        row_ends, _ = _left_pad(ends, 0)
+        labels = batch["input_ids"].masked_fill(~mask, -100)
+        if prompt_chars is not None:
+            limit = torch.as_tensor(list(prompt_chars), dtype=torch.long)[:, None]
+            labels = labels.masked_fill(row_ends.to(labels.device) <= limit.to(labels.device), -100)
+        return labels
 
     # ------------------------------------------------------------------------- generation
 

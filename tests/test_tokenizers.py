@@ -389,3 +389,28 @@ def test_bad_input(toks):
         model.generate(**no_texts, max_new_tokens=2)
     with pytest.raises(TypeError, match="list of strings"):
         pair([1, 2])
+
+
+def test_append_eos_and_labels(toks):
+    pair = TokenizerPair(toks["bpe"], toks["unigram"])
+    prompts, completions = ["Moni, muli", "def add(a, b):"], [" bwanji?", "\n    return a+b"]
+    texts = [p + c for p, c in zip(prompts, completions)]
+    plain, ended = pair(texts), pair(texts, append_eos=True)
+    eos = toks["bpe"].eos_token_id
+    assert (ended["input_ids"][:, -1] == eos).all()
+    assert torch.equal(ended["aug_visible"][0][:, -1], plain["aug_visible"][0][:, -1])
+    labels = pair.labels(ended, prompt_chars=[len(p) for p in prompts])
+    assert labels.shape == ended["input_ids"].shape
+    assert (labels[:, -1] == eos).all()
+    for b, prompt in enumerate(prompts):
+        kept = labels[b][labels[b] != -100]
+        n_prompt = len(pair([prompt])["input_ids"][0])
+        assert len(kept) == ended["attention_mask"][b].sum() - n_prompt  # prompt tokens masked
+    assert torch.equal(
+        pair.labels(plain), plain["input_ids"].masked_fill(plain["attention_mask"] == 0, -100)
+    )
+    anchor = lm(len(toks["bpe"]), 32, 4, 0)
+    model = CALM(anchor, lm(len(toks["unigram"]), 24, 4, 1), tokenizers=pair)
+    assert torch.isfinite(model(**ended, labels=labels).loss)
+    with pytest.raises(ValueError, match="eos_token"):
+        TokenizerPair(toks["unigram"], toks["bpe"])(texts, append_eos=True)

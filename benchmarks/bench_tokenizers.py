@@ -1,0 +1,116 @@
+"""Measure what different tokenizers cost: TokenizerPair alignment, forward and generation overhead
+against same-tokenizer composition, on random models with real tokenizers.
+
+    python -m calm.hub_offline model smollm2-135m
+    python -m calm.hub_offline model qwen2.5-coder-0.5b
+    python benchmarks/bench_tokenizers.py [--batch 8] [--chars 2000] [--new 32] [--repeats 5]
+
+Anchor tokenizer: Qwen2.5 (151,936 entries); augmenting tokenizer: SmolLM2 (49,152 entries). The
+same-tokenizer baseline gives the augmenting model Qwen's vocabulary and reads the same ids.
+Both models are random Llamas of the given width and depth: the numbers are the overhead of the
+alignment, not of real model sizes (bigger models make it relatively smaller).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import statistics
+import time
+
+import torch
+import transformers as T
+from transformers import AutoTokenizer
+
+from calm import CALM, CALMConfig
+from calm.hub_offline import model_dir
+from calm.tokenizers import TokenizerPair
+
+
+def lm(vocab: int, width: int, layers: int, seed: int) -> T.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    )
+    return T.LlamaForCausalLM(config).eval()
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--chars", type=int, default=2000)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    qwen = AutoTokenizer.from_pretrained(model_dir("qwen2.5-coder-0.5b"))
+    smol = AutoTokenizer.from_pretrained(model_dir("smollm2-135m"))
+    source = inspect.getsource(argparse) + inspect.getsource(inspect)
+    texts = [source[i * args.chars : (i + 1) * args.chars] for i in range(args.batch)]
+    start = time.perf_counter()
+    pair = TokenizerPair(qwen, smol)
+    build = time.perf_counter() - start
+
+    config = CALMConfig(every=2)
+    anchor = lm(len(qwen), args.width, args.layers, 0)
+    paired = CALM(anchor, lm(len(smol), args.width, args.layers, 1), config, tokenizers=pair)
+    shared = CALM(anchor, lm(len(qwen), args.width, args.layers, 1), config)
+
+    batch = pair(texts)
+    qwen.padding_side = "left"
+    same = qwen(texts, padding=True, return_tensors="pt")
+    n_anchor = int(batch["attention_mask"].sum())
+    n_aug = int(batch["aug_attention_mask"][0].sum())
+    print(
+        f"batch {args.batch} x {args.chars} chars: {n_anchor} anchor tokens, {n_aug} augmenting "
+        f"tokens; pair built in {build:.2f} s (once)"
+    )
+
+    tok_same = timed(lambda: qwen(texts, padding=True, return_tensors="pt"), args.repeats)
+    tok_pair = timed(lambda: pair(texts), args.repeats)
+    print(f"tokenize: anchor only {tok_same * 1e3:.1f} ms, pair {tok_pair * 1e3:.1f} ms")
+
+    with torch.no_grad():
+        fwd_same = timed(lambda: shared(**same), args.repeats)
+        fwd_pair = timed(lambda: paired(**batch), args.repeats)
+    print(
+        f"forward: same tokenizer {fwd_same * 1e3:.0f} ms, pair {fwd_pair * 1e3:.0f} ms "
+        f"(x{fwd_pair / fwd_same:.2f}); tokenize+forward x"
+        f"{(tok_pair + fwd_pair) / (tok_same + fwd_same):.2f}"
+    )
+
+    prompts = [t[:200] for t in texts]
+    gen_pair_batch = pair(prompts)
+    gen_same_batch = qwen(prompts, padding=True, return_tensors="pt")
+    kw = dict(max_new_tokens=args.new, eos_token_id=[], pad_token_id=0)
+    gen_same = timed(lambda: shared.generate(**gen_same_batch, **kw), max(1, args.repeats // 2))
+    gen_pair = timed(lambda: paired.generate(**gen_pair_batch, **kw), max(1, args.repeats // 2))
+    rate = args.batch * args.new
+    print(
+        f"generate {args.new} tokens x {args.batch} rows: same tokenizer {rate / gen_same:.1f} "
+        f"tok/s, pair {rate / gen_pair:.1f} tok/s (x{gen_pair / gen_same:.2f} time)"
+    )
+
+
+if __name__ == "__main__":
+    main()
