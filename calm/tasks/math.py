@@ -121,12 +121,23 @@ class MathWordProblems:
         return {"accuracy": 100.0 * correct / len(records)}, records
 
 
+def _existing(*paths: Path) -> list[str]:
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} does not exist; pass --data DIR (a folder with gsm8k/ and mgsm/) or set "
+                "CALM_DATA."
+            )
+    return [str(p) for p in paths]
+
+
 @register("gsm8k", "GSM8K test (1,319), 8-shot chain of thought, final-number exact match")
 def make_gsm8k(variant: str | None = None, data: str | None = None) -> MathWordProblems:
     if variant:
         raise ValueError(f"gsm8k has no variants, got {variant!r}.")
     root = data_root(data) / "gsm8k"
-    return MathWordProblems("gsm8k", str(root / "test.jsonl"), str(root / "train.jsonl"), False)
+    test, train = _existing(root / "test.jsonl", root / "train.jsonl")
+    return MathWordProblems("gsm8k", test, train, False)
 
 
 @register("mgsm", "MGSM (250 problems) in mgsm:en|es|fr|de|ru|zh|ja|th|sw|bn|te, 8-shot")
@@ -135,9 +146,5 @@ def make_mgsm(variant: str | None = None, data: str | None = None) -> MathWordPr
     if variant not in MGSM_LANGUAGES:
         raise ValueError(f"Unknown MGSM language {variant!r}; known: {', '.join(MGSM_LANGUAGES)}.")
     root = data_root(data)
-    return MathWordProblems(
-        f"mgsm:{variant}",
-        str(root / "mgsm" / f"mgsm_{variant}.tsv"),
-        str(root / "gsm8k" / "train.jsonl"),
-        True,
-    )
+    test, train = _existing(root / "mgsm" / f"mgsm_{variant}.tsv", root / "gsm8k" / "train.jsonl")
+    return MathWordProblems(f"mgsm:{variant}", test, train, True)

@@ -66,6 +66,11 @@ def test_gsm8k_prompt_uses_training_exemplars_and_scores_exact_match(tmp_path):
     assert metrics == {"accuracy": 0.0}
 
 
+def test_missing_data_names_the_file_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data DIR"):
+        make_gsm8k(data=str(tmp_path))
+
+
 def test_mgsm_reads_one_language(tmp_path):
     _write_data(tmp_path)
     task = make_mgsm("sw", data=str(tmp_path))
@@ -78,9 +83,8 @@ def test_mgsm_reads_one_language(tmp_path):
 
 
 def test_shipped_data_loads_when_present():
-    task = make_mgsm("te")
     try:
-        examples = task.examples(8)
+        examples = make_mgsm("te").examples(8)
     except FileNotFoundError:
         pytest.skip("shared/data is not next to this checkout")
     assert len(examples) == 250
