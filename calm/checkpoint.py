@@ -57,7 +57,7 @@ def composition_record(model: CALM) -> dict:
     """What `calm_config.json` holds: config, resolved connections, version, base identities."""
     return {
         "calm_version": calm.__version__,
-        "config": model.config.to_dict(),
+        "config": model.calm_config.to_dict(),
         "connections": [
             {"anchor_layer": c.anchor_layer, "aug_layer": c.aug_layer, "augment": c.augment}
             for c in model.connections

@@ -76,7 +76,7 @@ class CALM(nn.Module):
             raise ValueError("Give at least one augmenting model.")
         for i, aug in enumerate(augs):
             hf.check_causal_lm(aug, f"augmenting model {i}")
-        self.config = config
+        self.calm_config = config
         self.anchor = anchor
         self.augments = nn.ModuleList(augs)
         # Plain tuples: the layers are already submodules of the base models.
@@ -166,7 +166,7 @@ class CALM(nn.Module):
             return None
         if not isinstance(pair, TokenizerPair):
             raise TypeError(f"tokenizers must be a calm.TokenizerPair, got {type(pair).__name__}.")
-        if self.config.mode != "causal":
+        if self.calm_config.mode != "causal":
             raise ValueError(
                 'A TokenizerPair aligns one text read by both sides; use CALMConfig(mode="causal").'
             )
@@ -193,6 +193,11 @@ class CALM(nn.Module):
         self.anchor.eval()
         for aug in self.augments:
             aug.eval()
+
+    @property
+    def config(self):
+        """The anchor's Hugging Face config (as in peft); the composition's is `calm_config`."""
+        return self.anchor.config
 
     def train(self, mode: bool = True) -> CALM:
         """Set the blocks' mode; the frozen base models always stay in eval mode."""
@@ -277,7 +282,7 @@ class CALM(nn.Module):
         aug_attention_mask,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per augmenting model: the ids it reads and their mask."""
-        if self.config.mode == "causal" and self.tokenizers is None:
+        if self.calm_config.mode == "causal" and self.tokenizers is None:
             return [(input_ids, attention_mask)] * len(self.augments)
         if aug_input_ids is None and self.tokenizers is not None:
             raise ValueError(
@@ -391,7 +396,7 @@ class CALM(nn.Module):
                 build_mask(k.to(device).bool(), query_valid, None, v)
                 for k, v in zip(key_masks, visible)
             ]
-        offset = past_length if self.config.mode == "causal" else None
+        offset = past_length if self.calm_config.mode == "causal" else None
         T = query_valid.shape[1]
         if (
             offset is not None
@@ -418,7 +423,7 @@ class CALM(nn.Module):
                     "batch its TokenizerPair makes, as model(**pair(texts))."
                 )
             return None
-        if self.config.mode != "causal":
+        if self.calm_config.mode != "causal":
             raise ValueError('aug_visible applies to CALMConfig(mode="causal") only.')
         visible = list(aug_visible) if isinstance(aug_visible, (list, tuple)) else [aug_visible]
         if len(visible) != len(self.augments) or any(v.shape != input_ids.shape for v in visible):
@@ -432,7 +437,7 @@ class CALM(nn.Module):
         """kv of every connection with the keys/values of `states` appended; connections whose
         augmenting layer is not in `states` keep theirs."""
         device = hf.model_device(self.anchor)
-        dtype = getattr(torch, self.config.dtype)
+        dtype = getattr(torch, self.calm_config.dtype)
         out = []
         for j, (c, block) in enumerate(zip(self.connections, self.blocks)):
             x = states.get((c.augment, c.aug_layer))
@@ -445,7 +450,7 @@ class CALM(nn.Module):
 
     def _keys_values(self, states: AugStates) -> list[tuple[torch.Tensor, torch.Tensor]]:
         device = hf.model_device(self.anchor)
-        dtype = getattr(torch, self.config.dtype)
+        dtype = getattr(torch, self.calm_config.dtype)
         return [
             block.keys_values(states[(c.augment, c.aug_layer)].to(device=device, dtype=dtype))
             for c, block in zip(self.connections, self.blocks)
@@ -460,7 +465,7 @@ class CALM(nn.Module):
         by_layer: dict[int, list[int]] = {}
         for j, c in enumerate(self.connections):
             by_layer.setdefault(c.anchor_layer, []).append(j)
-        dtype = getattr(torch, self.config.dtype)
+        dtype = getattr(torch, self.calm_config.dtype)
 
         def add_residual(block_ids: list[int]):
             def hook(module, args, output):
@@ -649,7 +654,7 @@ class CALM(nn.Module):
             pad_token_id = int(eos[0]) if len(eos) else 0
 
         composed = not self._disabled
-        causal = self.config.mode == "causal"
+        causal = self.calm_config.mode == "causal"
         anchor_cache = hf.new_cache(self.anchor)
         aug_caches = [hf.new_cache(a) for a in self.augments] if causal else None
         kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None

@@ -721,7 +721,7 @@ def train(
         raise TypeError(f"model must be a calm.CALM, got {type(model).__name__}.")
     if not isinstance(config, TrainConfig):
         raise TypeError("config must be a calm.TrainConfig(output_dir=..., max_steps=..., ...).")
-    if model.config.mode != "causal":
+    if model.calm_config.mode != "causal":
         raise ValueError(
             'calm.train trains causal-mode compositions (CALMConfig(mode="causal")); encoder '
             "mode needs a separate augmenting prompt per example."
