@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from calm import CALM, CALMConfig
 from calm.hub_offline import model_dir
-from calm.tokenizers import TokenizerPair
+from calm.tokenizers import TextStream, TokenizerPair
 
 
 def lm(vocab: int, width: int, layers: int, seed: int) -> T.LlamaForCausalLM:
@@ -41,15 +41,42 @@ def lm(vocab: int, width: int, layers: int, seed: int) -> T.LlamaForCausalLM:
     return T.LlamaForCausalLM(config).eval()
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fns, repeats: int) -> list[float]:
+    """Median seconds per call of each function, calls interleaved (the machine is shared, so
+    its load drifts), after one warm-up call each."""
+    times = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
+
+
+class StreamTimer:
+    """Total seconds spent in TextStream.append (decode, re-tokenize, commit) while active."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._append = TextStream.append
+
+    def __enter__(self):
+        timer = self
+
+        def append(stream, *args):
+            start = time.perf_counter()
+            try:
+                return timer._append(stream, *args)
+            finally:
+                timer.seconds += time.perf_counter() - start
+
+        TextStream.append = append
+        return self
+
+    def __exit__(self, *exc) -> None:
+        TextStream.append = self._append
 
 
 def main() -> None:
@@ -86,13 +113,13 @@ def main() -> None:
         f"tokens; pair built in {build:.2f} s (once)"
     )
 
-    tok_same = timed(lambda: qwen(texts, padding=True, return_tensors="pt"), args.repeats)
-    tok_pair = timed(lambda: pair(texts), args.repeats)
+    tok_same, tok_pair = timed(
+        [lambda: qwen(texts, padding=True, return_tensors="pt"), lambda: pair(texts)], args.repeats
+    )
     print(f"tokenize: anchor only {tok_same * 1e3:.1f} ms, pair {tok_pair * 1e3:.1f} ms")
 
     with torch.no_grad():
-        fwd_same = timed(lambda: shared(**same), args.repeats)
-        fwd_pair = timed(lambda: paired(**batch), args.repeats)
+        fwd_same, fwd_pair = timed([lambda: shared(**same), lambda: paired(**batch)], args.repeats)
     print(
         f"forward: same tokenizer {fwd_same * 1e3:.0f} ms, pair {fwd_pair * 1e3:.0f} ms "
         f"(x{fwd_pair / fwd_same:.2f}); tokenize+forward x"
@@ -103,12 +130,20 @@ def main() -> None:
     gen_pair_batch = pair(prompts)
     gen_same_batch = qwen(prompts, padding=True, return_tensors="pt")
     kw = dict(max_new_tokens=args.new, eos_token_id=[], pad_token_id=0)
-    gen_same = timed(lambda: shared.generate(**gen_same_batch, **kw), max(1, args.repeats // 2))
-    gen_pair = timed(lambda: paired.generate(**gen_pair_batch, **kw), max(1, args.repeats // 2))
+    gen_same, gen_pair = timed(
+        [
+            lambda: shared.generate(**gen_same_batch, **kw),
+            lambda: paired.generate(**gen_pair_batch, **kw),
+        ],
+        max(1, args.repeats // 2),
+    )
+    with StreamTimer() as timer:
+        paired.generate(**gen_pair_batch, **kw)
     rate = args.batch * args.new
     print(
         f"generate {args.new} tokens x {args.batch} rows: same tokenizer {rate / gen_same:.1f} "
-        f"tok/s, pair {rate / gen_pair:.1f} tok/s (x{gen_pair / gen_same:.2f} time)"
+        f"tok/s, pair {rate / gen_pair:.1f} tok/s (x{gen_pair / gen_same:.2f} time); "
+        f"text sync (decode, re-tokenize, commit) {timer.seconds / args.new * 1e3:.1f} ms/step"
     )
 
 

@@ -298,7 +298,7 @@ class TextStream:
         for i in range(len(pair.augs)):
             aug_ids = batch["aug_input_ids"][i].cpu()
             aug_mask = batch["aug_attention_mask"][i].bool().cpu()
-            last = batch["aug_visible"][i][:, -1].cpu()
+            last = batch["aug_visible"][i].max(-1).values.cpu()  # K at the last real token
             self.committed.append(
                 [aug_ids[b][aug_mask[b]][: int(last[b])].numpy() for b in range(len(self.texts))]
             )

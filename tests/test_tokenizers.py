@@ -414,3 +414,47 @@ def test_append_eos_and_labels(toks):
     assert torch.isfinite(model(**ended, labels=labels).loss)
     with pytest.raises(ValueError, match="eos_token"):
         TokenizerPair(toks["unigram"], toks["bpe"])(texts, append_eos=True)
+
+
+@pytest.mark.slow
+def test_real_pair_smollm2_into_gemma3():
+    """SmolLM2-135M (augmenting) composed into Gemma-3-270M (anchor): identity at init, aligned
+    prefixes, a few training steps, cached generation equal to full recomputation."""
+    hub = pytest.importorskip("calm.hub_offline")
+    if not (hub.available("smollm2-135m") and hub.available("gemma3-270m")):
+        pytest.skip("run `python -m calm.hub_offline model smollm2-135m` and `... gemma3-270m`")
+    gemma_dir, smol_dir = hub.model_dir("gemma3-270m"), hub.model_dir("smollm2-135m")
+    pair = TokenizerPair(
+        T.AutoTokenizer.from_pretrained(gemma_dir), T.AutoTokenizer.from_pretrained(smol_dir)
+    )
+    for text in SAMPLES.values():
+        assert prefix_violations(pair, text) == []
+    anchor = T.AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).eval()
+    aug = T.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+    model = CALM(anchor, aug, CALMConfig(every=6), tokenizers=pair)
+    texts = [SAMPLES["chichewa"], SAMPLES["code"]]
+    batch = pair(texts)
+    mask = batch["attention_mask"].bool()
+    with model.disable_composition():
+        plain = model(**batch).logits
+    torch.testing.assert_close(model(**batch).logits[mask], plain[mask], atol=1e-4, rtol=0)
+
+    model.train()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    labels = pair.labels(batch)
+    losses = []
+    for _ in range(4):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    assert losses[-1] < losses[0]
+
+    prompts = pair(["Moni, muli bwanji? Ndili", "def fib(n):\n    "])
+    got = model.generate(**prompts, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    n = prompts["input_ids"].shape[1]
+    for j in range(6):
+        want = model(**pair.extend(prompts, got[:, n : n + j])).logits[:, -1].argmax(-1)
+        assert torch.equal(got[:, n + j], want), j
