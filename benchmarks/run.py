@@ -46,6 +46,7 @@ class Setup:
     prompt: int
     new_tokens: int
     reps: int
+    checkpoint: str | None = None  # a calm.hub_offline model used as both anchor and augment
 
 
 FULL = (
@@ -54,12 +55,29 @@ FULL = (
 )
 NO_PEER = "calm-pytorch is not installed (pip install calm-pytorch)"
 QUICK = (Setup("small", 512, 64, 4, 48, 8, 4, 2, 32, 8, 8, 3),)
+# SmolLM2-135M (30 layers, width 576) composed with a second copy of itself: the one real model
+# here whose tokenizer another real model shares is itself. Run only when already converted.
+REAL = Setup("smollm2-135m-x2", 49152, 576, 30, 576, 30, 9, 1, 32, 16, 16, 3, "smollm2-135m")
 
 
 def models(s: Setup):
+    if s.checkpoint is not None:
+        from transformers import AutoModelForCausalLM
+
+        from calm import hub_offline
+
+        path = hub_offline.model_dir(s.checkpoint)
+        load = AutoModelForCausalLM.from_pretrained
+        return load(path).eval(), load(path).eval()
     anchor = reference.llama(s.vocab, s.anchor_width, s.anchor_layers, s.heads, seed=0)
     aug = reference.llama(s.vocab, s.aug_width, s.aug_layers, s.heads, seed=1)
     return anchor, aug
+
+
+def real_available() -> bool:
+    from calm import hub_offline
+
+    return hub_offline.available(REAL.checkpoint)
 
 
 def random_ids(s: Setup, batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -293,7 +311,8 @@ def markdown(report: dict) -> str:
     for name, c in report["configs"].items():
         p = c.get("peer_calm_pytorch")
         if p is None:
-            lines.append(f"| {name} | skipped: {report['peer_note']} | | | | |")
+            note = report["peer_note"] or "not run on this config (time)"
+            lines.append(f"| {name} | skipped: {note} | | | | |")
             continue
         lines.append(
             f"| {name} | {p['step_ratio_peer_over_calm']:.2f} | "
@@ -340,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     for s in setups:
         report["configs"][s.name] = section(s, with_peer)
+    if not args.quick and real_available():
+        report["configs"][REAL.name] = section(REAL, with_peer=False)
+    else:
+        report["real_pair_note"] = "skipped: quick mode, or SmolLM2-135M not converted (" + (
+            "python -m calm.hub_offline model smollm2-135m)"
+        )
     head = setups[-1]
     lengths = (16, 32) if args.quick else (32, 64, 128, 256)
     counts = (1, 2) if args.quick else (1, 2, 4, 8)
