@@ -55,6 +55,7 @@ def test_reference_passes_and_wrong_code_fails_in_the_sandbox(tmp_path):
     assert metrics == {"pass@1": 0.5}
 
 
+@pytest.mark.slow
 def test_shipped_reference_solutions_pass():
     from calm.tasks import mbpp_like
 
