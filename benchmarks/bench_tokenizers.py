@@ -4,11 +4,14 @@ against same-tokenizer composition, on random models with real tokenizers.
     python -m calm.hub_offline model smollm2-135m
     python -m calm.hub_offline model qwen2.5-coder-0.5b
     python benchmarks/bench_tokenizers.py [--batch 8] [--chars 2000] [--new 32] [--repeats 5]
+    python benchmarks/bench_tokenizers.py --real   # also needs gemma3-270m converted
 
 Anchor tokenizer: Qwen2.5 (151,936 entries); augmenting tokenizer: SmolLM2 (49,152 entries). The
 same-tokenizer baseline gives the augmenting model Qwen's vocabulary and reads the same ids.
 Both models are random Llamas of the given width and depth: the numbers are the overhead of the
 alignment, not of real model sizes (bigger models make it relatively smaller).
+With --real: Gemma-3-270M (anchor) composed with SmolLM2-135M (augmenting), greedy generation
+speed of the anchor alone against the composition (blocks at their zero init).
 """
 
 from __future__ import annotations
@@ -79,6 +82,36 @@ class StreamTimer:
         TextStream.append = self._append
 
 
+def real_pair(args) -> None:
+    gemma_dir, smol_dir = model_dir("gemma3-270m"), model_dir("smollm2-135m")
+    pair = TokenizerPair(
+        AutoTokenizer.from_pretrained(gemma_dir), AutoTokenizer.from_pretrained(smol_dir)
+    )
+    anchor = T.AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).eval()
+    aug = T.AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+    model = CALM(anchor, aug, CALMConfig(), tokenizers=pair)
+    prompts = ["The capital of France is", "def fibonacci(n):\n    "][: args.batch]
+    batch = pair(prompts)
+    kw = dict(max_new_tokens=args.new, eos_token_id=[], pad_token_id=0)
+
+    def alone():
+        with model.disable_composition():
+            return model.generate(**batch, **kw)
+
+    alone_s, composed_s = timed([alone, lambda: model.generate(**batch, **kw)], args.repeats)
+    out = model.generate(**batch, **kw)
+    assert torch.equal(out, alone()), "zero-init composition must generate as the anchor"
+    rate = len(prompts) * args.new
+    print(
+        f"{model.num_trainable_parameters():,} composition parameters, "
+        f"{len(model.connections)} connections; greedy, {len(prompts)} prompts x {args.new} "
+        f"tokens: anchor alone {rate / alone_s:.1f} tok/s, composed {rate / composed_s:.1f} tok/s"
+    )
+    n = batch["input_ids"].shape[1]
+    for row in pair.extend(batch, out[:, n:])["texts"]:
+        print(repr(row))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -87,8 +120,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--real", action="store_true", help="Gemma-3-270M + SmolLM2-135M")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.real:
+        real_pair(args)
+        return
 
     qwen = AutoTokenizer.from_pretrained(model_dir("qwen2.5-coder-0.5b"))
     smol = AutoTokenizer.from_pretrained(model_dir("smollm2-135m"))

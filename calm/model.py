@@ -666,6 +666,11 @@ class CALM(nn.Module):
                 states.update(self._run_augment(i, ids, mask))
             kv = self._keys_values(states)
             key_masks = [m for _, m in inputs]
+        if aug_visible is not None and self.tokenizers is None:
+            raise ValueError(
+                "generate reads aug_visible only from a TokenizerPair batch; build the model "
+                "with CALM(..., tokenizers=pair), or drop aug_visible."
+            )
         aligned = composed and self.tokenizers is not None
         visible = self._check_visible(aug_visible, input_ids) if aligned else None
         if aligned:

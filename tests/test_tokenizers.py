@@ -389,6 +389,12 @@ def test_bad_input(toks):
         model.generate(**no_texts, max_new_tokens=2)
     with pytest.raises(TypeError, match="list of strings"):
         pair([1, 2])
+    shared = CALM(anchor, lm(len(toks["unigram"]), 24, 4, 1))
+    ids = batch["input_ids"]
+    with pytest.raises(ValueError, match="TokenizerPair batch"):
+        shared.generate(ids, aug_visible=[torch.ones_like(ids)], max_new_tokens=1)
+    with pytest.raises(ValueError, match="one tensor of shape"):
+        shared(ids, aug_visible=[torch.ones(1, 1, dtype=torch.long)])
 
 
 def test_append_eos_and_labels(toks):
