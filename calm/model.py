@@ -11,6 +11,7 @@ own, and several compositions can share them.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -157,7 +158,8 @@ class CALM(nn.Module):
                 raise ValueError(
                     f"Causal mode feeds the same token ids to both models, but the anchor's "
                     f"vocabulary has {anchor_vocab} entries and augmenting model {i}'s has "
-                    f"{hf.vocab_size(aug)}; use models that share a tokenizer, or "
+                    f"{hf.vocab_size(aug)}; pass tokenizers=calm.TokenizerPair(anchor_tokenizer, "
+                    f"aug_tokenizers), use models that share a tokenizer, or "
                     f'CALMConfig(mode="encoder") with aug_input_ids.'
                 )
 
@@ -248,15 +250,18 @@ class CALM(nn.Module):
         augments: PreTrainedModel | Sequence[PreTrainedModel],
         *,
         check_base_models: bool = True,
+        tokenizers: TokenizerPair | None = None,
     ) -> CALM:
-        """Rebuild a saved composition on top of `anchor` and `augments`.
+        """Rebuild a saved composition on top of `anchor` and `augments` (and the TokenizerPair
+        it was trained with, when their tokenizers differ).
 
         Refuses base models whose class, config or weights differ from those it was trained on,
         unless `check_base_models=False`.
         """
         from calm.checkpoint import load_composition
 
-        return load_composition(cls, directory, anchor, augments, check_base_models)
+        build = cls if tokenizers is None else functools.partial(cls, tokenizers=tokenizers)
+        return load_composition(build, directory, anchor, augments, check_base_models)
 
     # ----------------------------------------------------------------------------- internals
 

@@ -464,3 +464,14 @@ def test_real_pair_smollm2_into_gemma3():
     for j in range(6):
         want = model(**pair.extend(prompts, got[:, n : n + j])).logits[:, -1].argmax(-1)
         assert torch.equal(got[:, n + j], want), j
+
+
+def test_save_load_round_trip(toks, tmp_path):
+    pair, model = composed(toks["unigram"], toks["bpe"])
+    batch = pair([SAMPLES["chichewa"]])
+    want = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    loaded = CALM.from_pretrained(tmp_path, model.anchor, model.augments[0], tokenizers=pair)
+    assert torch.equal(loaded(**batch).logits, want)
+    with pytest.raises(ValueError, match="TokenizerPair"):
+        CALM.from_pretrained(tmp_path, model.anchor, model.augments[0])
