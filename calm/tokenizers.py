@@ -186,12 +186,37 @@ class TokenizerPair:
             ends.append(row_ends)
         return rows, ends
 
-    def __call__(self, texts: str | Sequence[str], append_eos: bool = False) -> AlignedBatch:
+    def _truncate(self, texts: list[str], max_length: int, append_eos: bool) -> list[str]:
+        """Cut each text at an anchor token's end so its anchor row fits `max_length`."""
+        if max_length < len(self.anchor.lead) + 1 + append_eos:
+            raise ValueError(
+                f"max_length={max_length} leaves no room for text after the anchor's special "
+                "tokens; raise it."
+            )
+        texts = list(texts)
+        rows, ends = self._anchor_rows(texts, append_eos)
+        long = [b for b, r in enumerate(rows) if len(r) > max_length]
+        while long:  # re-tokenizing a cut text can split its last token: cut again
+            for b in long:
+                allowed = ends[b][: max_length - append_eos]  # ends of the tokens that fit
+                shorter = allowed[allowed < len(texts[b])]  # bytes of one character share ends
+                texts[b] = texts[b][: int(shorter.max()) if shorter.size else 0]
+            rows, ends = self._anchor_rows(texts, append_eos)
+            long = [b for b in long if len(rows[b]) > max_length]
+        return texts
+
+    def __call__(
+        self, texts: str | Sequence[str], append_eos: bool = False, max_length: int | None = None
+    ) -> AlignedBatch:
         """Tokenize and align `texts`; `append_eos` ends each anchor row with the anchor's EOS
-        (for training a model to stop; the augmenting side never sees an end)."""
+        (for training a model to stop; the augmenting side never sees an end); `max_length`
+        cuts each text at an anchor token's end so its anchor row has at most that many tokens
+        (`texts` in the batch are the cut texts)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("TokenizerPair takes a non-empty list of strings.")
+        if max_length is not None:
+            texts = self._truncate(texts, max_length, append_eos)
         anchor_rows, anchor_ends = self._anchor_rows(texts, append_eos)
         input_ids, attention_mask = _left_pad(anchor_rows, self.anchor.pad_id)
         batch = AlignedBatch(

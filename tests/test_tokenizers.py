@@ -475,3 +475,22 @@ def test_save_load_round_trip(toks, tmp_path):
     assert torch.equal(loaded(**batch).logits, want)
     with pytest.raises(ValueError, match="TokenizerPair"):
         CALM.from_pretrained(tmp_path, model.anchor, model.augments[0])
+
+
+@pytest.mark.parametrize("append_eos", [False, True])
+def test_max_length_cuts_texts(toks, append_eos):
+    pair = TokenizerPair(toks["wordpiece"], toks["bpe"])
+    texts = list(SAMPLES.values())
+    batch = pair(texts, append_eos=append_eos, max_length=9)
+    assert batch["input_ids"].shape[1] <= 9
+    for text, cut in zip(texts, batch["texts"]):
+        assert text.startswith(cut) and cut
+    short = pair(texts, append_eos=append_eos)
+    assert short["input_ids"].shape[1] > 9
+    assert torch.equal(pair(batch["texts"], append_eos=append_eos)["input_ids"], batch["input_ids"])
+    crabs = TokenizerPair(toks["bpe"], toks["unigram"])(  # 🦀: 4 byte tokens with one span
+        ["ok " + "🦀" * 6], append_eos=append_eos, max_length=9
+    )
+    assert crabs["texts"] == ["ok 🦀"] and crabs["input_ids"].shape[1] == 8 + append_eos
+    with pytest.raises(ValueError, match="max_length"):
+        pair(texts, max_length=1)
