@@ -494,3 +494,13 @@ def test_max_length_cuts_texts(toks, append_eos):
     assert crabs["texts"] == ["ok 🦀"] and crabs["input_ids"].shape[1] == 8 + append_eos
     with pytest.raises(ValueError, match="max_length"):
         pair(texts, max_length=1)
+
+
+@pytest.mark.parametrize("anchor_name,aug_name", PAIRS)
+def test_prefix_consistency_on_random_strings(toks, anchor_name, aug_name):
+    pair = TokenizerPair(toks[anchor_name], toks[aug_name])
+    rng = np.random.default_rng(0)
+    alphabet = list("aeiou bcdkmnst  \t\n.,'()0123") + ["😀", "é", "ŵ", "\u0301"]
+    for _ in range(12):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(5, 40))))
+        assert prefix_violations(pair, text) == [], repr(text)
