@@ -504,3 +504,35 @@ def test_prefix_consistency_on_random_strings(toks, anchor_name, aug_name):
     for _ in range(12):
         text = "".join(rng.choice(alphabet, size=int(rng.integers(5, 40))))
         assert prefix_violations(pair, text) == [], repr(text)
+
+
+def right_padded(rows, pad=0):
+    """Right-pad 1-D tensors of different lengths -> (B, L) and its mask."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(out)
+    for b, r in enumerate(rows):
+        out[b, : len(r)], mask[b, : len(r)] = r, 1
+    return out, mask
+
+
+def test_right_padded_collation_equals_pair_batch(toks):
+    """Training code may encode one text at a time and right-pad the pieces itself."""
+    pair, model = composed(toks["unigram"], toks["bpe"])
+    texts = [SAMPLES["english"], SAMPLES["emoji"][:15], SAMPLES["code"]]
+    singles = [pair([t]).to("cpu") for t in texts]
+    ids, mask = right_padded([s["input_ids"][0] for s in singles])
+    aug_ids, aug_mask = right_padded([s["aug_input_ids"][0][0] for s in singles])
+    visible, _ = right_padded([s["aug_visible"][0][0] for s in singles])
+    got = model(
+        ids,
+        attention_mask=mask,
+        aug_input_ids=[aug_ids],
+        aug_attention_mask=[aug_mask],
+        aug_visible=[visible],
+    ).logits
+    batch = pair(texts)
+    want = model(**batch).logits
+    torch.testing.assert_close(
+        got[mask.bool()], want[batch["attention_mask"].bool()], atol=1e-5, rtol=0
+    )
