@@ -68,6 +68,7 @@ class ReferenceStep:
         self.blocks = blocks
         self.aug_layers = hf.decoder_layers(aug)[: max(c.aug_layer for c in connections) + 1]
         self.anchor_layers = hf.decoder_layers(anchor)
+        self.needed = {c.aug_layer for c in connections}
         self.first = min(c.anchor_layer for c in connections)
         self.opt = torch.optim.AdamW(blocks.parameters(), lr=lr)
 
@@ -83,7 +84,8 @@ class ReferenceStep:
             states = {}
             for i, layer in enumerate(self.aug_layers):
                 x = layer(x, position_embeddings=rope)  # attention_mask=None: causal SDPA
-                states[i] = x  # (B, T, A)
+                if i in self.needed:
+                    states[i] = x  # (B, T, A)
             h, rope = self._embed(self.anchor, ids)
         for i, layer in enumerate(self.anchor_layers):
             with torch.set_grad_enabled(i > self.first):
