@@ -82,6 +82,25 @@ class StreamTimer:
         TextStream.append = self._append
 
 
+def text_sync(pair: TokenizerPair, anchor_tokenizer, source: str, rows: int = 4) -> None:
+    """Median time of one TextStream.append (4 rows, 32 steps) as the prompt text grows: the
+    continuation is real text, so words end and augmenting tokens are committed."""
+    for chars in (1000, 4000, 16000):
+        prompts = [source[7 * i : 7 * i + chars] for i in range(rows)]
+        conts = [source[7 * i + chars : 7 * i + chars + 600] for i in range(rows)]
+        new = [anchor_tokenizer(c, add_special_tokens=False)["input_ids"][:32] for c in conts]
+        stream = pair.stream(pair(prompts))
+        times = []
+        for j in range(32):
+            start = time.perf_counter()
+            stream.append([r[j] for r in new], [True] * rows)
+            times.append(time.perf_counter() - start)
+        print(
+            f"text sync, prompts of {chars} chars x {rows} rows: "
+            f"{statistics.median(times) * 1e3:.2f} ms/step (median), {max(times) * 1e3:.1f} max"
+        )
+
+
 def real_pair(args) -> None:
     gemma_dir, smol_dir = model_dir("gemma3-270m"), model_dir("smollm2-135m")
     pair = TokenizerPair(
@@ -129,7 +148,7 @@ def main() -> None:
 
     qwen = AutoTokenizer.from_pretrained(model_dir("qwen2.5-coder-0.5b"))
     smol = AutoTokenizer.from_pretrained(model_dir("smollm2-135m"))
-    source = inspect.getsource(argparse) + inspect.getsource(inspect)
+    source = (inspect.getsource(argparse) + inspect.getsource(inspect)) * 2
     texts = [source[i * args.chars : (i + 1) * args.chars] for i in range(args.batch)]
     start = time.perf_counter()
     pair = TokenizerPair(qwen, smol)
@@ -162,6 +181,8 @@ def main() -> None:
         f"(x{fwd_pair / fwd_same:.2f}); tokenize+forward x"
         f"{(tok_pair + fwd_pair) / (tok_same + fwd_same):.2f}"
     )
+
+    text_sync(pair, qwen, source)
 
     prompts = [t[:200] for t in texts]
     gen_pair_batch = pair(prompts)

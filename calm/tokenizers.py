@@ -239,19 +239,23 @@ class TokenizerPair:
             batch["aug_visible"].append(visible)
         return batch
 
+    def anchor_ends(self, batch: AlignedBatch) -> list[np.ndarray]:
+        """Per row of `batch`: the character where each real anchor token's text ends."""
+        texts = batch["texts"]
+        _, ends = self._anchor_rows(texts, append_eos=False)
+        for b, n in enumerate(batch["attention_mask"].sum(-1).tolist()):
+            if n == len(ends[b]) + 1:  # made with append_eos
+                ends[b] = np.append(ends[b], len(texts[b]))
+        return ends
+
     def labels(
         self, batch: AlignedBatch, prompt_chars: Sequence[int] | None = None
     ) -> torch.Tensor:
         """(B, T) labels for `model(**batch, labels=...)`: the anchor ids, with -100 on padding
         and on the anchor tokens that end within the first prompt_chars[b] characters of text b
         (a prompt whose continuation alone is trained)."""
-        texts = batch["texts"]
         mask = batch["attention_mask"].bool()
-        _, ends = self._anchor_rows(texts, append_eos=False)
-        for b, n in enumerate(mask.sum(-1).tolist()):
-            if n == len(ends[b]) + 1:  # made with append_eos
-                ends[b] = np.append(ends[b], len(texts[b]))
-        row_ends, _ = _left_pad(ends, 0)
+        row_ends, _ = _left_pad(self.anchor_ends(batch), 0)
         labels = batch["input_ids"].masked_fill(~mask, -100)
         if prompt_chars is not None:
             limit = torch.as_tensor(list(prompt_chars), dtype=torch.long)[:, None]
@@ -301,69 +305,90 @@ class TokenizerPair:
 class TextStream:
     """The texts of a batch as the anchor writes them, and the augmenting tokens they commit.
 
-    A token the anchor emits is decoded in context (decode(prompt + new) minus decode(prompt);
-    an unfinished UTF-8 character waits for its last byte), its text is appended, and every
-    augmenting token that became stable is committed. Committed tokens never change: a tokenizer
-    that re-splits them breaks the stable-boundary rule, and `append` raises.
+    Each step costs a few words of text, however long the text already is. A token the anchor
+    emits is decoded after a context of the last few anchor tokens (decode(context + new) minus
+    decode(context); an unfinished UTF-8 character waits for its last byte) and appended to the
+    text. Each augmenting tokenizer then re-reads the text from the second-to-last committed cut:
+    the tokens of the last committed stretch must come out unchanged (otherwise the tokenizer
+    breaks the stable-boundary rule and `append` raises; the first step re-checks the whole
+    prompt), and the tokens before the new last cut are committed.
     """
+
+    CONTEXT = 4  # anchor tokens decoded before the new ones
 
     def __init__(self, pair: TokenizerPair, batch: AlignedBatch) -> None:
         self.pair = pair
         self.texts = list(batch["texts"])
-        self._prompt = list(self.texts)
+        rows = range(len(self.texts))
         mask = batch["attention_mask"].bool().cpu()
         ids = batch["input_ids"].cpu()
-        self._anchor_prompt = [ids[b][mask[b]].tolist() for b in range(len(self.texts))]
-        self._decoded_prompt = pair.anchor.backend.decode_batch(
-            self._anchor_prompt, skip_special_tokens=True
-        )
-        self._new: list[list[int]] = [[] for _ in self.texts]
-        self._written = [""] * len(self.texts)
-        self.committed: list[list[np.ndarray]] = []
-        for i in range(len(pair.augs)):
+        self._ids = [ids[b][mask[b]].tolist() for b in rows]  # anchor ids, prompt and new
+        self._read = [len(x) for x in self._ids]  # ids[:read] are in the text
+        ends = pair.anchor_ends(batch)
+        self._cut: list[list[int]] = []  # per augment, per row: tokens before it are committed
+        self._check_from: list[list[int]] = []  # the cut before that one
+        self._last: list[list[np.ndarray]] = []  # committed tokens between the two cuts
+        for i, side in enumerate(pair.augs):
             aug_ids = batch["aug_input_ids"][i].cpu()
             aug_mask = batch["aug_attention_mask"][i].bool().cpu()
             last = batch["aug_visible"][i].max(-1).values.cpu()  # K at the last real token
-            self.committed.append(
-                [aug_ids[b][aug_mask[b]][: int(last[b])].numpy() for b in range(len(self.texts))]
+            committed = [aug_ids[b][aug_mask[b]][: int(last[b])].numpy() for b in rows]
+            self._cut.append(
+                [
+                    int(last_cuts(cut_points(self.texts[b]), np.append(0, ends[b])[-1:])[0])
+                    for b in rows
+                ]
             )
+            self._check_from.append([0 for _ in rows])
+            self._last.append([c[len(side.lead) :] for c in committed])
 
-    def append(self, tokens: Sequence[int], active: Sequence[bool]) -> list[list[np.ndarray]]:
-        """Append one anchor token per active row; per augmenting model, per row, the ids of the
-        tokens that became stable (possibly none)."""
-        rows = [b for b, a in enumerate(active) if a]
+    def _grow(self, tokens: Sequence[int], rows: list[int]) -> list[int]:
+        """Append one anchor token to each of `rows`; the rows whose text grew."""
         for b in rows:
-            self._new[b].append(int(tokens[b]))
-        decoded = self.pair.anchor.backend.decode_batch(
-            [self._anchor_prompt[b] + self._new[b] for b in rows], skip_special_tokens=True
+            self._ids[b].append(int(tokens[b]))
+        start = [max(0, self._read[b] - self.CONTEXT) for b in rows]
+        decode = self.pair.anchor.backend.decode_batch
+        before = decode(
+            [self._ids[b][s : self._read[b]] for b, s in zip(rows, start)], skip_special_tokens=True
         )
+        after = decode([self._ids[b][s:] for b, s in zip(rows, start)], skip_special_tokens=True)
         grown = []
-        for b, full in zip(rows, decoded):
-            prompt = self._decoded_prompt[b]
-            written = full[len(prompt) :].rstrip("\ufffd") if full.startswith(prompt) else None
-            if written is None or not written.startswith(self._written[b]):
+        for b, old, new in zip(rows, before, after):
+            if not new.startswith(old):
                 raise RuntimeError(
                     "The anchor tokenizer's decoding of the generated tokens is not "
                     "append-only, so the text both models read cannot be kept in sync."
                 )
-            if written != self._written[b]:
-                self._written[b] = written
-                self.texts[b] = self._prompt[b] + written
+            if new.endswith("\ufffd"):  # an unfinished character: wait for its last byte
+                continue
+            self._read[b] = len(self._ids[b])
+            if len(new) > len(old):
+                self.texts[b] += new[len(old) :]
                 grown.append(b)
+        return grown
+
+    def append(self, tokens: Sequence[int], active: Sequence[bool]) -> list[list[np.ndarray]]:
+        """Append one anchor token per active row; per augmenting model, per row, the ids of the
+        tokens that became stable (possibly none)."""
+        grown = self._grow(tokens, [b for b, a in enumerate(active) if a])
         out = []
         for i, side in enumerate(self.pair.augs):
             new = [np.zeros(0, dtype=np.int64) for _ in self.texts]
-            for b, (ids, starts, _) in zip(grown, side.encode([self.texts[b] for b in grown])):
-                end = np.array([len(self.texts[b])], dtype=np.int64)
-                k = int(side.visible(self.texts[b], starts, end)[0])
-                old = self.committed[i][b]
-                if not np.array_equal(ids[: len(old)], old) or k < len(old):
+            cuts, check_from = self._cut[i], self._check_from[i]
+            windows = [self.texts[b][check_from[b] :] for b in grown]
+            for b, window, (ids, starts, _) in zip(grown, windows, side.encode(windows)):
+                ids, starts = ids[len(side.lead) :], np.sort(starts)
+                known = int(np.searchsorted(starts, cuts[b] - check_from[b]))
+                if not np.array_equal(ids[:known], self._last[i][b]):
                     raise RuntimeError(
                         f"The {side.role} tokenizer re-split text that the stable-boundary rule "
                         f"had already committed (text {self.texts[b]!r}); it joins words across "
                         "spaces and cannot be paired this way."
                     )
-                new[b] = ids[len(old) : k]
-                self.committed[i][b] = ids[:k]
+                cut = check_from[b] + int(last_cuts(cut_points(window), np.array([len(window)]))[0])
+                if cut > cuts[b]:
+                    k = int(np.searchsorted(starts, cut - check_from[b]))
+                    new[b] = ids[known:k]
+                    check_from[b], cuts[b], self._last[i][b] = cuts[b], cut, new[b]
             out.append(new)
         return out

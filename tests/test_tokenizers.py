@@ -536,3 +536,18 @@ def test_right_padded_collation_equals_pair_batch(toks):
     torch.testing.assert_close(
         got[mask.bool()], want[batch["attention_mask"].bool()], atol=1e-5, rtol=0
     )
+
+
+def test_generation_detects_a_tokenizer_that_merges_across_spaces(toks, monkeypatch):
+    """A vocabulary the construction check misses still cannot corrupt generation: re-reading
+    the text finds that a committed token changed, and `append` raises."""
+    vocab = {"c": 0, " ": 1, "a": 2, "b": 3, "a ": 4, "a b": 5}
+    merges = [("a", " "), ("a ", "b")]
+    joins = Tokenizer(models.BPE(vocab, merges))  # no pre-tokenizer: merges cross spaces
+    monkeypatch.setattr("calm.tokenizers._Side.check_no_space_merges", lambda self: None)
+    pair = TokenizerPair(toks["bpe"], joins)
+    stream = pair.stream(pair(["c a"]))
+    space, b = toks["bpe"].convert_tokens_to_ids(["Ġ", "b"])
+    stream.append([space], [True])  # "c a " commits "c", " " and "a " (wrongly, across a cut)
+    with pytest.raises(RuntimeError, match="re-split"):
+        stream.append([b], [True])  # "c a b" tokenizes as "c", " ", "a b"
