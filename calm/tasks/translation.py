@@ -9,7 +9,8 @@ Variants (the FLORES-200 stand-ins; FLORES is in no registry):
           (`elotl/corpora/axolotl.csv`, MPL-2.0); pairs deduplicated, both sides 10-300
           characters; split by pair: sha256(source TAB target) mod 20 = 0 test, 1 dev, else train.
 Both splits are fixed functions of the data, so composition training data (`load_pairs(...,
-"train")`) never overlaps the test set. Shots are the first train pairs of 30-150 characters.
+"train")`) never overlaps the test set. Shots: the train pairs of 30-150 characters (both sides)
+at evenly spaced positions (i * len // shots), so they come from different books or sources.
 Metrics: chrF (beta=2) and chrF1 (beta=1), corpus level.
 """
 
@@ -136,7 +137,7 @@ class Translation:
 
     variant: str
     data: str | None
-    version: str = "1"
+    version: str = "2"
     default_shots: int = 5
     max_shots: int = 10
     max_new_tokens: int = 128
@@ -149,8 +150,11 @@ class Translation:
     def examples(self, shots: int) -> list[Example]:
         src, tgt = LANGUAGES[self.variant]
         train = [p for p in load_pairs(self.variant, "train", self.data) if _shot_sized(p)]
+        if len(train) < shots:
+            raise ValueError(f"{self.name} has only {len(train)} train pairs fit to be shots.")
+        spread = [train[i * len(train) // shots] for i in range(shots)]
         context = f"Translate from {src} to {tgt}.\n\n" + "".join(
-            f"{src}: {p['source']}\n{tgt}: {p['target']}\n\n" for p in train[:shots]
+            f"{src}: {p['source']}\n{tgt}: {p['target']}\n\n" for p in spread
         )
         return [
             Example(

@@ -59,13 +59,14 @@ def test_prompt_has_five_train_shots_and_scores_chrf(tmp_path):
     train_sources = {p["source"] for p in load_pairs("nya-en", "train", root)}
     shots = [line[len("Chichewa: ") :] for line in prompt.splitlines()[2:-2:3]]
     assert len(shots) == 5 and set(shots) <= train_sources
+    assert len({s.split()[3] for s in shots}) == 5  # five different chapters: spread, not the first
     metrics, _ = task.score(examples, [[" " + e.reference] for e in examples])
     assert metrics["chrf"] == pytest.approx(100.0)
 
 
 def test_nahuatl_pairs_are_deduplicated_and_split(tmp_path):
     rows = [
-        f'"Frase española número {i}.","Tlahtolli nahuatl {i} ika.",Classical,Doc,x\n'
+        f'"Es la frase española número {i}.","Inin tlahtolli nahuatl {i} ika.",Classical,Doc,x\n'
         for i in range(200)
     ]
     path = tmp_path / "axolotl.csv"
