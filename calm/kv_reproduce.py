@@ -133,17 +133,23 @@ def _correct(task: str, completion: str, ex: Example) -> bool:
     return parse_result(completion) == ex.answer
 
 
-def evaluate(model, tokenizer, sets: dict[str, list[Example]], encoder: bool = False) -> dict:
+def evaluate(
+    model, tokenizer, sets: dict[str, list[Example]], encoder: bool = False, samples: int = 3
+) -> tuple[dict, dict]:
     """Accuracy of greedy decoding on each set (KV-SUBS: the text before the first '=' equals
-    the substitution; NUM-MATH and KV-MATH: the final number equals the result)."""
+    the substitution; NUM-MATH and KV-MATH: the final number equals the result), and the first
+    `samples` "prompt -> completion" strings of each set."""
     longest = {name: max(len(ex.completion) for ex in exs) for name, exs in sets.items()}
     max_new = longest["kv_subs"] + longest["num_math"] + 2  # room for "subs=scratchpad" + EOS
-    scores = {}
+    scores, shown = {}, {}
     for name, examples in sets.items():
         got = complete(model, tokenizer, [ex.prompt for ex in examples], max_new, encoder=encoder)
         hits = sum(_correct(name, g, ex) for g, ex in zip(got, examples, strict=True))
         scores[name] = hits / len(examples)
-    return scores
+        shown[name] = [
+            f"{ex.prompt} -> {g}" for ex, g in zip(examples[:samples], got, strict=False)
+        ]
+    return scores, shown
 
 
 # --- composition training ------------------------------------------------------------------
@@ -251,8 +257,10 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
     )
     rows: dict[str, dict] = {}
     extra: dict[str, dict] = {}
+    samples: dict[str, dict] = {}
 
-    def record(name: str, t0: float, scores: dict, **info) -> None:
+    def record(name: str, t0: float, result: tuple[dict, dict], **info) -> None:
+        scores, samples[name] = result
         rows[name] = {**{k: round(v, 4) for k, v in scores.items()}, "seconds": 0.0}
         rows[name]["seconds"] = round(time.time() - t0, 1)
         rows[name].update(info)
@@ -263,7 +271,7 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
         t0 = time.time()
         record(name, t0, evaluate(model, tok, sets))
 
-    def compose(aug, variant: str, mode: str = "causal", seed: int = cfg.seed) -> tuple[dict, int]:
+    def compose(aug, variant: str, mode: str = "causal", seed: int = cfg.seed):
         torch.manual_seed(seed)
         model = CALM(mB, aug, CALMConfig(every=cfg.every, mode=mode))
         data = task.composition_data(variant, cfg.dc_size, dc_keys, cfg.seed)
@@ -276,19 +284,19 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
             desc=f"compose ({variant}, {mode})",
             encoder=mode == "encoder",
         )
-        scores = evaluate(model, tok, sets, encoder=mode == "encoder")
+        result = evaluate(model, tok, sets, encoder=mode == "encoder")
         n = model.num_trainable_parameters()
         model.remove()
-        return {**scores, "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4)}, n
+        return result, round(sum(losses[-20:]) / len(losses[-20:]), 4), n
 
     variants = VARIANTS if cfg.all_variants else (cfg.variant,)
     calm_params = 0
     for variant in variants:
         t0 = time.time()
-        scores, calm_params = compose(mA, variant)
-        loss = scores.pop("final_loss")
-        record(f"calm_{variant}", t0, scores, variant=variant, final_loss=loss)
+        result, loss, calm_params = compose(mA, variant)
+        record(f"calm_{variant}", t0, result, variant=variant, final_loss=loss)
     rows["calm"] = dict(rows[f"calm_{cfg.variant}"])
+    samples["calm"] = samples[f"calm_{cfg.variant}"]
     if not cfg.all_variants:
         del rows[f"calm_{cfg.variant}"]
     extra["calm_parameters"] = calm_params
@@ -302,13 +310,11 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
             if aug is None:
                 raise FileNotFoundError("The vanilla mA base model is missing from the bases.")
             t0 = time.time()
-            scores, _ = compose(aug, cfg.variant)
-            loss = scores.pop("final_loss")
-            record(name, t0, scores, variant=cfg.variant, final_loss=loss)
+            result, loss, _ = compose(aug, cfg.variant)
+            record(name, t0, result, variant=cfg.variant, final_loss=loss)
         t0 = time.time()
-        scores, _ = compose(mA, cfg.variant, mode="encoder")
-        loss = scores.pop("final_loss")
-        record("encoder", t0, scores, variant=cfg.variant, final_loss=loss)
+        result, loss, _ = compose(mA, cfg.variant, mode="encoder")
+        record("encoder", t0, result, variant=cfg.variant, final_loss=loss)
 
         t0 = time.time()
         torch.manual_seed(cfg.seed)
@@ -316,11 +322,10 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
         params = [p for p in lora.parameters() if p.requires_grad]
         data = task.composition_data(cfg.variant, cfg.dc_size, dc_keys, cfg.seed)
         losses = train_on(lora, params, tok, data, cfg, desc=f"LoRA r={rank} on mB")
-        scores = evaluate(lora, tok, sets)
         record(
             "lora",
             t0,
-            scores,
+            evaluate(lora, tok, sets),
             variant=cfg.variant,
             rank=rank,
             parameters=sum(p.numel() for p in params),
@@ -341,6 +346,7 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
             for k, v in bases.info.items()
         },
         **extra,
+        "samples": samples,
         "seconds": round(time.time() - start, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

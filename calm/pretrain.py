@@ -93,6 +93,7 @@ class PretrainConfig:
     save_every: int = 250
     target_accuracy: float = 0.99
     lookup_fraction: float = 0.5
+    prefix_fraction: float = 0.0
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -109,17 +110,20 @@ class PretrainConfig:
 
 
 def training_source(
-    task: KVTask, model: str, lookup_fraction: float = 0.0
+    task: KVTask, model: str, lookup_fraction: float = 0.0, prefix_fraction: float = 0.0
 ) -> Callable[[random.Random], Example]:
     """The example generator each base model trains on.
 
     mA: KV-SUBS over all keys. mB: NUM-MATH over any values. vanilla_mA: KV-SUBS over a different
     key-value map (same architecture, same format, other knowledge). For mA and vanilla_mA a
-    `lookup_fraction` of the examples are single-key substitutions ("abc=" -> "012"), which
+    `lookup_fraction` of the examples are single-key substitutions ("abc=" -> "210"), which
     teach the map directly before the model has learned to find the i-th key of an expression.
+    For mB a `prefix_fraction` of the NUM-MATH prompts are preceded by a distractor of random
+    letter strings that are never keys ("qzv+rt-wkp=210+430-500="), so that mB computes on a
+    numeric expression wherever it starts in the stream; it is never shown a key or its value.
     """
     if model == "mB":
-        return task.random_numeric_expression
+        return lambda rng: _with_prefix(task, rng, prefix_fraction)
     source = task if model == "mA" else KVTask(KVScale(**{**task.scale.to_dict(), "map_seed": 1}))
 
     def draw(rng: random.Random) -> Example:
@@ -128,6 +132,20 @@ def training_source(
         return source.kv_subs(source.sample_expression(rng, source.keys))
 
     return draw
+
+
+def _with_prefix(task: KVTask, rng: random.Random, prefix_fraction: float) -> Example:
+    ex = task.random_numeric_expression(rng)
+    if rng.random() >= prefix_fraction:
+        return ex
+    scale, words = task.scale, []
+    while len(words) < ex.prompt.count("+") + ex.prompt.count("-") + 1:
+        n = rng.randint(scale.min_key_len, scale.max_key_len)
+        word = "".join(rng.choice(LETTERS) for _ in range(n))
+        if word not in task.kv:
+            words.append(word)
+    distractor = "".join(w + rng.choice(scale.operators) for w in words)[:-1]
+    return Example(distractor + "=" + ex.prompt, ex.completion, ex.answer)
 
 
 def eval_examples(task: KVTask, model: str, n: int) -> list[Example]:
@@ -213,6 +231,20 @@ def exact_match(model, tokenizer, examples: Sequence[Example]) -> float:
 # --- training ----------------------------------------------------------------------------------
 
 
+def command_line(cfg: PretrainConfig) -> str:
+    """The `calm pretrain` command that trains a model with `cfg`."""
+    s, k = cfg.shape, cfg.scale
+    return (
+        f"calm pretrain kv {cfg.model} --out {cfg.out_dir} --max-steps {cfg.max_steps} "
+        f"--batch-size {cfg.batch_size} --lr {cfg.learning_rate} --warmup-steps {cfg.warmup_steps} "
+        f"--seed {cfg.seed} --eval-size {cfg.eval_size} --target-accuracy {cfg.target_accuracy} "
+        f"--lookup-fraction {cfg.lookup_fraction} --prefix-fraction {cfg.prefix_fraction} "
+        f"--hidden-size {s.hidden_size} "
+        f"--layers {s.num_layers} --heads {s.num_heads} --num-keys {k.num_keys} "
+        f"--operands {k.max_operands} --threads {cfg.threads}"
+    )
+
+
 def _lr_at(step: int, cfg: PretrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
@@ -235,7 +267,7 @@ def pretrain(cfg: PretrainConfig, verbose: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     task = KVTask(cfg.scale)
     tokenizer = build_tokenizer()
-    draw = training_source(task, cfg.model, cfg.lookup_fraction)
+    draw = training_source(task, cfg.model, cfg.lookup_fraction, cfg.prefix_fraction)
     gate = eval_examples(task, cfg.model, cfg.eval_size)
     gate_prompts = {ex.prompt for ex in gate}
 
@@ -306,6 +338,7 @@ def pretrain(cfg: PretrainConfig, verbose: bool = True) -> dict:
         "gate_accuracy": round(accuracy, 4),
         "gate_examples": len(gate),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "command": command_line(cfg),
         "config": cfg.to_dict(),
     }
     (out / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")

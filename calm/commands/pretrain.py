@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.lookup_fraction,
         help="mA/vanilla_mA: share of single-key examples.",
     )
+    parser.add_argument(
+        "--prefix-fraction",
+        type=float,
+        default=d.prefix_fraction,
+        help="mB: share of prompts behind a random-letter distractor (never a key).",
+    )
     parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads.")
     parser.add_argument("--hidden-size", type=int, default=s.hidden_size, help="Model width.")
     parser.add_argument("--layers", type=int, default=s.num_layers, help="Decoder layers.")
@@ -64,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         target_accuracy=args.target_accuracy,
         lookup_fraction=args.lookup_fraction,
+        prefix_fraction=args.prefix_fraction,
         threads=args.threads,
     )
     summary = pretrain(cfg)
