@@ -44,6 +44,7 @@ def test_reproduce_writes_the_results_contract(bases_dir, tmp_path):
         ablations=True,
         all_variants=True,
         every=1,
+        num_heads=2,
         threads=1,
     )
     run_reproduction(cfg, log=lambda *_: None)
