@@ -8,6 +8,10 @@ A record is one of
 Sources: a JSONL file (one record a line), a list of dicts, or a Hugging Face `datasets.Dataset`.
 Labels follow the Hugging Face convention used by `CALM.forward`: they are aligned with the inputs
 and shifted inside the loss.
+
+With a `TokenizerPair` (a composition whose tokenizers differ), text records are also tokenized for
+each augmenting model, with the alignment `aug_visible` (see `calm.tokenizers`); pre-tokenized
+records are refused there, since the augmenting models need the text.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ class Encoded:
     name: str
     num_truncated: int = 0
     num_dropped: int = 0
+    # With a TokenizerPair, per augmenting model, per example: its ids, and for each anchor token
+    # how many of them it sees (`aug_visible`). Empty when the models share the anchor's tokens.
+    aug_input_ids: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    aug_visible: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -50,6 +58,8 @@ class Encoded:
         h = hashlib.sha256()
         for ids, labels in zip(self.input_ids, self.labels):
             h.update(json.dumps([ids, labels]).encode())
+        if self.aug_input_ids:
+            h.update(json.dumps([self.aug_input_ids, self.aug_visible]).encode())
         return h.hexdigest()[:16]
 
 
@@ -131,23 +141,89 @@ def encode_record(record: dict, tokenizer, where: str) -> tuple[list[int], list[
     return prompt + completion, [IGNORE] * len(prompt) + completion
 
 
+def _pair_text(record: dict, where: str) -> tuple[str, int]:
+    """The text of a record for a TokenizerPair, and how many of its characters are prompt."""
+    if "input_ids" in record:
+        raise ValueError(
+            f"{where}: this composition pairs different tokenizers, so its data must be text "
+            "('text', or 'prompt' and 'completion'), not pre-tokenized 'input_ids'."
+        )
+    if "text" in record:
+        fields = [("text", record["text"])]
+    elif "prompt" in record and "completion" in record:
+        fields = [("prompt", record["prompt"]), ("completion", record["completion"])]
+    else:
+        raise ValueError(
+            f"{where}: a record needs 'text', or 'prompt' and 'completion'; got fields "
+            f"{sorted(record)}."
+        )
+    for field, value in fields:
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{where}: field {field!r} must be a string, got {type(value).__name__}."
+            )
+    prompt = record.get("prompt", "") if "text" not in record else ""
+    return "".join(v for _, v in fields), len(prompt)
+
+
+def encode_pair_record(
+    record: dict, pair, where: str, max_length: int | None = None
+) -> tuple[list[int], list[int], list[tuple[list[int], list[int]]], bool]:
+    """(input_ids, labels, per augmenting model (ids, visible), whether the text was cut) of
+    one text record, tokenized by `pair` with the anchor's EOS appended (if it has one)."""
+    text, prompt_chars = _pair_text(record, where)
+    eos = pair.anchor.eos_id is not None
+    b = pair([text], append_eos=eos)
+    cut = max_length is not None and b["input_ids"].shape[1] > max_length
+    if cut:
+        b = pair([text], append_eos=eos, max_length=max_length)
+    labels = pair.labels(b, prompt_chars=[prompt_chars] if prompt_chars else None)
+    augs = [
+        (ids[0][mask[0].bool()].tolist(), visible[0].tolist())
+        for ids, mask, visible in zip(b["aug_input_ids"], b["aug_attention_mask"], b["aug_visible"])
+    ]
+    return b["input_ids"][0].tolist(), labels[0].tolist(), augs, cut
+
+
 def encode(
     source,
     tokenizer=None,
     max_length: int | None = None,
     truncation: str = "right",
     name: str | None = None,
+    pair=None,
 ) -> Encoded:
     """Read and tokenize a data set; longer examples are cut to `max_length` (counted) or, with
-    truncation="error", refused; examples left without a target token are dropped (counted)."""
+    truncation="error", refused; examples left without a target token are dropped (counted).
+    With `pair` (a `calm.TokenizerPair`), text records are tokenized for every model through it
+    and `tokenizer` is not used."""
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}.")
     records, name = read_records(source, name)
     if not records:
         raise ValueError(f"The data set {name} holds no records.")
     all_ids, all_labels = [], []
+    aug_ids: list[list[tuple[int, ...]]] = [[] for _ in range(len(pair) if pair else 0)]
+    aug_visible: list[list[tuple[int, ...]]] = [[] for _ in aug_ids]
     truncated = dropped = 0
     for record, where in records:
+        if pair is not None:
+            ids, labels, augs, cut = encode_pair_record(record, pair, where, max_length)
+            if cut and truncation == "error":
+                raise ValueError(
+                    f"{where}: more than max_length={max_length} anchor tokens; raise "
+                    'max_length or use truncation="right".'
+                )
+            truncated += cut
+            if all(t == IGNORE for t in labels[1:]):
+                dropped += 1
+                continue
+            for i, (a_ids, a_visible) in enumerate(augs):
+                aug_ids[i].append(tuple(a_ids))
+                aug_visible[i].append(tuple(a_visible))
+            all_ids.append(tuple(ids))
+            all_labels.append(tuple(labels))
+            continue
         ids, labels = encode_record(record, tokenizer, where)
         if max_length is not None and len(ids) > max_length:
             if truncation == "error":
@@ -167,7 +243,15 @@ def encode(
             f"No example of {name} has a token to predict (each needs >= 2 tokens and a label "
             "after the first position)."
         )
-    return Encoded(tuple(all_ids), tuple(all_labels), name, truncated, dropped)
+    return Encoded(
+        tuple(all_ids),
+        tuple(all_labels),
+        name,
+        truncated,
+        dropped,
+        tuple(map(tuple, aug_ids)),
+        tuple(map(tuple, aug_visible)),
+    )
 
 
 def epoch_batches(
@@ -200,15 +284,34 @@ def epoch_batches(
     return [b for b in batches if len(b) >= min_size]
 
 
-def collate(data: Encoded, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad the examples to the longest one: input_ids, attention_mask, labels, (B, T)."""
-    width = max(len(data.input_ids[i]) for i in indices)
-    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(indices), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(indices), width), dtype=torch.long)
-    for row, i in enumerate(indices):
-        n = len(data.input_ids[i])
-        ids[row, :n] = torch.tensor(data.input_ids[i])
-        labels[row, :n] = torch.tensor(data.labels[i])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def _right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths -> (B, L) right-padded tensor and its mask (L >= 1)."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[b, : len(r)] = 1
+    return ids, mask
+
+
+def collate(
+    data: Encoded, indices: Sequence[int], pad_id: int, aug_pad_ids: Sequence[int] = ()
+) -> dict:
+    """Right-pad the examples to the longest one: input_ids, attention_mask, labels, (B, T);
+    for a TokenizerPair data set also aug_input_ids, aug_attention_mask (B, S_i) and
+    aug_visible (B, T), one tensor per augmenting model, padded with `aug_pad_ids[i]` and 0."""
+    ids, mask = _right_pad([data.input_ids[i] for i in indices], pad_id)
+    labels, _ = _right_pad([data.labels[i] for i in indices], IGNORE)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if data.aug_input_ids:
+        padded = [
+            _right_pad([rows[i] for i in indices], pad)
+            for rows, pad in zip(data.aug_input_ids, aug_pad_ids, strict=True)
+        ]
+        batch["aug_input_ids"] = [x for x, _ in padded]
+        batch["aug_attention_mask"] = [m for _, m in padded]
+        batch["aug_visible"] = [
+            _right_pad([rows[i] for i in indices], 0)[0] for rows in data.aug_visible
+        ]
+    return batch

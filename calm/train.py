@@ -221,25 +221,32 @@ class AugCache:
         raw = load_file(str(self._file(index)))
         return {tuple(int(x) for x in k.split("_")): v for k, v in raw.items()}
 
-    def batch_states(
-        self, model: CALM, indices: list[int], batch: dict[str, torch.Tensor]
-    ) -> AugStates:
-        """(B, T, A) states of a right-padded batch: cached rows reused, the others computed."""
-        lengths = batch["attention_mask"].sum(1).tolist()
+    def batch_states(self, model: CALM, indices: list[int], batch: dict) -> AugStates:
+        """{(augment, layer): (B, S_i, A)} states of a right-padded batch (S_i = T when the
+        models share the anchor's tokens): cached rows reused, the others computed."""
+        aug_masks = batch.get("aug_attention_mask") or [batch["attention_mask"]] * len(
+            model.augments
+        )
+        lengths = [m.sum(1).tolist() for m in aug_masks]  # per augment, per row
         if not all(self.has(i) for i in indices):
-            states = model.augment_states(batch["input_ids"], batch["attention_mask"])
+            states = model.augment_states(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch.get("aug_input_ids"),
+                batch.get("aug_attention_mask"),
+            )
             for row, i in enumerate(indices):
-                self.put(i, {k: v[row, : lengths[row]] for k, v in states.items()})
+                self.put(i, {k: v[row, : lengths[k[0]][row]] for k, v in states.items()})
             return states
         per_example = [self.get(i) for i in indices]
-        B, T = batch["input_ids"].shape
+        B = len(indices)
         device = batch["input_ids"].device
         out: AugStates = {}
-        for key, first in per_example[0].items():
-            padded = torch.zeros(B, T, first.shape[-1], dtype=first.dtype)
+        for (a, layer), first in per_example[0].items():
+            padded = torch.zeros(B, aug_masks[a].shape[1], first.shape[-1], dtype=first.dtype)
             for row, states in enumerate(per_example):
-                padded[row, : lengths[row]] = states[key]
-            out[key] = padded.to(device)
+                padded[row, : lengths[a][row]] = states[(a, layer)]
+            out[(a, layer)] = padded.to(device)
         return out
 
 
@@ -314,6 +321,8 @@ class _Run:
         self.data = data
         self.eval_data = eval_data
         self.pad_id = pad_id
+        pair = model.tokenizers
+        self.aug_pad_ids = tuple(side.pad_id for side in pair.augs) if pair is not None else ()
         self.out = Path(cfg.output_dir)
         self.acc = Accelerator()
         self.world = self.acc.num_processes
@@ -389,9 +398,18 @@ class _Run:
         pieces = [batch[k :: self.pieces] for k in range(self.pieces)]
         return [pieces[m * self.world + self.rank] for m in range(self.cfg.grad_accum)]
 
-    def _device_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = collate(self.data, indices, self.pad_id)
-        return {k: v.to(self.acc.device) for k, v in batch.items()}
+    def _device_batch(self, data: Encoded, indices: list[int]) -> dict:
+        """Collated examples on this process's device (with the augmenting inputs of a pair)."""
+        batch = collate(data, indices, self.pad_id, self.aug_pad_ids)
+        return {
+            k: [x.to(self.acc.device) for x in v] if isinstance(v, list) else v.to(self.acc.device)
+            for k, v in batch.items()
+        }
+
+    @staticmethod
+    def _model_inputs(batch: dict) -> dict:
+        """The keyword arguments of `CALM.forward` in a collated batch (all but the labels)."""
+        return {k: v for k, v in batch.items() if k != "labels"}
 
     def _autocast(self):
         return torch.autocast(
@@ -414,17 +432,13 @@ class _Run:
         loss_sum = 0.0
         tokens = 0
         for m, indices in enumerate(pieces):
-            inputs = self._device_batch(indices)
+            inputs = self._device_batch(self.data, indices)
             tokens += int(inputs["attention_mask"].sum())
             states = self.cache.batch_states(self.calm, indices, inputs) if self.cache else None
             last = m == len(pieces) - 1
             with contextlib.nullcontext() if last else self.acc.no_sync(self.ddp):
                 with self._autocast():
-                    logits = self.ddp(
-                        input_ids=inputs["input_ids"],
-                        attention_mask=inputs["attention_mask"],
-                        aug_states=states,
-                    ).logits
+                    logits = self.ddp(**self._model_inputs(inputs), aug_states=states).logits
                 loss = token_loss_sum(logits, inputs["labels"]) / n_targets
                 self.acc.backward(loss * self.world)
             loss_sum += float(loss.detach())
@@ -453,12 +467,9 @@ class _Run:
         total = count = 0.0
         for start in range(0, len(mine), self.cfg.batch_size):
             indices = mine[start : start + self.cfg.batch_size]
-            inputs = collate(data, indices, self.pad_id)
-            inputs = {k: v.to(self.acc.device) for k, v in inputs.items()}
+            inputs = self._device_batch(data, indices)
             with self._autocast():
-                logits = self.calm(
-                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-                ).logits
+                logits = self.calm(**self._model_inputs(inputs)).logits
             total += float(token_loss_sum(logits, inputs["labels"]))
             count += data.num_targets(indices)
         self.calm.train()
@@ -713,7 +724,9 @@ def train(
     """Train the composition parameters of `model` in place on `train_data`.
 
     train_data / eval_data: a JSONL path, a list of dicts or a `datasets.Dataset` (see
-    `calm.data`); `tokenizer` is the anchor's, needed for text records. With `resume`, continue
+    `calm.data`); `tokenizer` is the anchor's, needed for text records, unless the model was built
+    with `tokenizers=calm.TokenizerPair(...)`: then the pair tokenizes the text for every model and
+    `tokenizer` is not used. With `resume`, continue
     from the newest checkpoint in `config.output_dir` (refused if the config, data or base models
     differ, unless `force`); without it, an output_dir that already holds checkpoints is refused.
     """
@@ -727,10 +740,13 @@ def train(
             "mode needs a separate augmenting prompt per example."
         )
     cfg = config
-    data = encode(train_data, tokenizer, cfg.max_length, cfg.truncation)
+    pair = model.tokenizers
+    data = encode(train_data, tokenizer, cfg.max_length, cfg.truncation, pair=pair)
     evals = None
     if eval_data is not None:
-        evals = encode(eval_data, tokenizer, cfg.max_length, cfg.truncation, name="eval data")
+        evals = encode(
+            eval_data, tokenizer, cfg.max_length, cfg.truncation, name="eval data", pair=pair
+        )
     out = Path(cfg.output_dir)
     existing = checkpoints(out)
     if existing and not resume:
@@ -738,7 +754,8 @@ def train(
             f"{out} already holds checkpoints; pass resume=True (--resume) to continue that run, "
             "or choose a new output_dir."
         )
-    run = _Run(model, data, evals, cfg, _pad_id(model, tokenizer))
+    pad_id = pair.anchor.pad_id if pair is not None else _pad_id(model, tokenizer)
+    run = _Run(model, data, evals, cfg, pad_id)
     config_path = out / CONFIG_NAME
     if resume and existing:
         saved = TrainConfig.from_json(config_path.read_text())

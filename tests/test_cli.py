@@ -80,6 +80,34 @@ def test_train_info_generate(workspace, capsys):
     one_error_line(capsys, "train", "differs from the checkpoint's in ['seed']")
 
 
+def test_train_generate_with_different_tokenizers(workspace, tmp_path, capsys):
+    """An augmenting model with its own tokenizer: `calm train` pairs the tokenizers itself, and
+    `calm generate` / `calm info` rebuild the pair from the run directory."""
+    from test_tokenizers import byte_bpe, lm
+
+    aug_tok = byte_bpe()
+    lm(len(aug_tok), 24, 4, 1).save_pretrained(tmp_path / "aug_bpe")
+    aug_tok.save_pretrained(tmp_path / "aug_bpe")
+    out = tmp_path / "run"
+    args = train_args(workspace, out)
+    args[args.index("--augment") + 1] = str(tmp_path / "aug_bpe")
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 4 and result["eval_loss"] is not None
+    models = json.loads((out / "models.json").read_text())
+    assert models["aug_tokenizers"] == [str(tmp_path / "aug_bpe")]
+
+    assert main(["info", str(out)]) == 0
+    assert "tokenizers:   paired" in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "3+4=", "--max-new-tokens", "5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("3+4=") and text.endswith("\n")
+
+    (out / "models.json").write_text(json.dumps({**models, "aug_tokenizers": None}))
+    assert main(["generate", str(out), "--prompt", "3+4="]) == 2
+    one_error_line(capsys, "generate", "TokenizerPair")
+
+
 def test_every_option_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

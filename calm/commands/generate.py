@@ -13,9 +13,9 @@ HELP = "Generate text with a trained composition, streaming tokens as they come.
 class TextStreamer:
     """`put(tokens)` / `end()` for `CALM.generate`: prints the newly decoded text of row 0."""
 
-    def __init__(self, tokenizer, stream=sys.stdout) -> None:
+    def __init__(self, tokenizer, stream=None) -> None:
         self.tokenizer = tokenizer
-        self.stream = stream
+        self.stream = stream or sys.stdout  # looked up now: sys.stdout may have been replaced
         self.ids: list[int] = []
         self.printed = ""
 
@@ -49,6 +49,27 @@ def base_models(run_dir: Path, checkpoint: Path) -> dict:
     }
 
 
+def load_run(run_dir: Path, which: str, anchor: str | None, augments: list[str] | None):
+    """(composition, anchor tokenizer) of a run's checkpoint `which`, on its recorded base models
+    or the `anchor`/`augments` paths given instead; a run trained with different tokenizers gets
+    its TokenizerPair back (the augmenting tokenizers from the same paths as their models)."""
+    from calm import CALM
+    from calm.commands.train import load_model, load_tokenizer, resolve_source, tokenizer_pair
+    from calm.train import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(run_dir, which)
+    models = base_models(run_dir, checkpoint)
+    anchor_src = resolve_source(anchor) if anchor else models["anchor"]
+    aug_srcs = [resolve_source(a) for a in augments] if augments else models["augments"]
+    tokenizer = load_tokenizer(anchor_src if anchor else models["tokenizer"])
+    pair = None
+    if models.get("aug_tokenizers"):
+        pair = tokenizer_pair(tokenizer, aug_srcs if augments else models["aug_tokenizers"])
+    anchor_model = load_model(anchor_src, "anchor")
+    aug_models = [load_model(s, f"augmenting model {i}") for i, s in enumerate(aug_srcs)]
+    return CALM.from_pretrained(checkpoint, anchor_model, aug_models, tokenizers=pair), tokenizer
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="Run directory written by `calm train`.")
     parser.add_argument("--prompt", required=True, help="Text to continue.")
@@ -66,23 +87,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from calm import CALM
-    from calm.commands.train import load_model, load_tokenizer, resolve_source
-    from calm.train import resolve_checkpoint
-
-    run_dir = Path(args.run_dir)
-    checkpoint = resolve_checkpoint(run_dir, args.checkpoint)
-    models = base_models(run_dir, checkpoint)
-    anchor_src = resolve_source(args.anchor) if args.anchor else models["anchor"]
-    aug_srcs = [resolve_source(a) for a in args.augment] if args.augment else models["augments"]
-    tokenizer = load_tokenizer(args.anchor and anchor_src or models["tokenizer"])
-    anchor = load_model(anchor_src, "anchor")
-    augments = [load_model(s, f"augmenting model {i}") for i, s in enumerate(aug_srcs)]
-    model = CALM.from_pretrained(checkpoint, anchor, augments).eval()
-    ids = torch.tensor([tokenizer(args.prompt)["input_ids"]])
+    model, tokenizer = load_run(Path(args.run_dir), args.checkpoint, args.anchor, args.augment)
+    model.eval()
+    if model.tokenizers is not None:
+        inputs = dict(model.tokenizers([args.prompt]))
+    else:
+        inputs = {"input_ids": torch.tensor([tokenizer(args.prompt)["input_ids"]])}
     sys.stdout.write(args.prompt)
     model.generate(
-        ids,
+        **inputs,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         temperature=args.temperature,

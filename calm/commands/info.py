@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"anchor:       {models['anchor']}")
     for i, aug in enumerate(models["augments"]):
         print(f"augment {i}:    {aug}")
+    if models.get("aug_tokenizers"):
+        print("tokenizers:   paired (each augmenting model reads the text with its own)")
     print(
         f"connections:  {len(info['connections'])} (anchor_layer <- aug_layer: "
         + ", ".join(f"{c['anchor_layer']}<-{c['aug_layer']}" for c in info["connections"])

@@ -10,7 +10,7 @@ from pathlib import Path
 from calm.cli import CLIError
 
 HELP = "Train a composition of a frozen anchor and frozen augmenting models on a JSONL data set."
-MODELS_NAME = "models.json"  # in the run directory: where the base models and tokenizer came from
+MODELS_NAME = "models.json"  # in the run directory: where the base models and tokenizers came from
 
 
 def resolve_source(source: str) -> str:
@@ -44,6 +44,21 @@ def load_tokenizer(source: str):
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CLIError(f"Cannot load a tokenizer from {source}: {first}") from None
+
+
+def tokenizer_pair(anchor_tokenizer, aug_srcs: list[str]):
+    """A `calm.TokenizerPair` of the anchor's tokenizer and those of the augmenting models at
+    `aug_srcs`, or None when they all have the anchor's vocabulary (one shared token stream)."""
+    from calm import TokenizerPair
+
+    aug_tokenizers = [load_tokenizer(s) for s in aug_srcs]
+    vocab = anchor_tokenizer.get_vocab()
+    if all(t.get_vocab() == vocab for t in aug_tokenizers):
+        return None
+    try:
+        return TokenizerPair(anchor_tokenizer, aug_tokenizers)
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,14 +151,18 @@ def run(args: argparse.Namespace) -> int:
     aug_srcs = [resolve_source(a) for a in args.augment]
     tok_src = resolve_source(args.tokenizer) if args.tokenizer else anchor_src
     tokenizer = load_tokenizer(tok_src)
+    pair = tokenizer_pair(tokenizer, aug_srcs)
     anchor = load_model(anchor_src, "anchor")
     augments = [load_model(s, f"augmenting model {i}") for i, s in enumerate(aug_srcs)]
     model = CALM(
         anchor,
         augments,
         CALMConfig(every=args.every, num_heads=args.num_heads, dropout=args.dropout),
+        tokenizers=pair,
     )
     models = {"anchor": anchor_src, "augments": aug_srcs, "tokenizer": tok_src}
+    if pair is not None:  # each augmenting model reads the text with its own tokenizer
+        models["aug_tokenizers"] = aug_srcs
     out = Path(args.out)
     saved = out / MODELS_NAME
     if args.resume and saved.is_file() and json.loads(saved.read_text()) != models:
