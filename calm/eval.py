@@ -6,9 +6,10 @@
 Generation is batched with left padding through `model.generate(input_ids, attention_mask,
 max_new_tokens, do_sample, temperature, top_p, eos_token_id, pad_token_id)`, the signature HF,
 peft and CALM share; models whose `generate` takes **kwargs (HF, peft) also get the task's stop
-strings so they stop early (with a Hugging Face tokenizer). Greedy by default; with
-`num_samples > 1` (pass@k) sampling is seeded per batch. Each completion is cut at the task's
-first stop string before scoring.
+strings so they stop early (with a Hugging Face tokenizer); a CALM built with a TokenizerPair gets
+the pair's aligned batch, and its completions are decoded with `tokenizer` (the anchor's). Greedy
+by default; with `num_samples > 1` (pass@k) sampling is seeded per batch. Each completion is cut
+at the task's first stop string before scoring.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ def generate_completions(
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) and stop and hf_tokenizer:
         kwargs |= {"stop_strings": list(stop), "tokenizer": tokenizer}
     device = _device(model)
+    pair = model.tokenizers if isinstance(model, calm.CALM) else None  # different tokenizers
     jobs = [(i, e.prompt) for i, e in enumerate(examples) for _ in range(num_samples)]
     # Longest prompts first: less padding per batch, and an early out-of-memory.
     jobs.sort(key=lambda job: -len(job[1]))
@@ -162,15 +164,16 @@ def generate_completions(
         bar = tqdm(total=len(jobs), desc="generating", unit="sample", disable=not progress)
         for b, start in enumerate(range(0, len(jobs), batch_size)):
             batch = jobs[start : start + batch_size]
-            enc = tokenizer([p for _, p in batch], return_tensors="pt", padding=True)
+            prompts = [p for _, p in batch]
+            if pair is not None:  # the composition's own aligned batch, left-padded
+                enc = pair(prompts).to(device)
+            else:
+                enc = tokenizer(prompts, return_tensors="pt", padding=True)
+                enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
             if sampling:
                 torch.manual_seed(seed * 1_000_003 + b)
             with torch.no_grad():
-                ids = model.generate(
-                    input_ids=enc["input_ids"].to(device),
-                    attention_mask=enc["attention_mask"].to(device),
-                    **kwargs,
-                )
+                ids = model.generate(**enc, **kwargs)
             new = ids[:, enc["input_ids"].shape[1] :]
             for (i, _), row in zip(batch, new):
                 text = tokenizer.decode(row, skip_special_tokens=True)

@@ -23,11 +23,11 @@ def toks():
     return unigram(), byte_bpe()  # anchor, augment: different vocabularies and special tokens
 
 
-def make_model(toks, dropout: float = 0.0, randomize: bool = False) -> CALM:
+def make_model(toks, dropout: float = 0.0, randomize: bool = False, init="default") -> CALM:
     anchor_tok, aug_tok = toks
     pair = TokenizerPair(anchor_tok, aug_tok)
     anchor, aug = lm(len(anchor_tok), 32, 4, 0), lm(len(aug_tok), 24, 4, 1)
-    model = CALM(anchor, aug, CALMConfig(every=2, dropout=dropout, init="default"), tokenizers=pair)
+    model = CALM(anchor, aug, CALMConfig(every=2, dropout=dropout, init=init), tokenizers=pair)
     if randomize:
         randomize_blocks(model)
     return model
@@ -137,3 +137,18 @@ def test_pair_data_bad_input(toks, tmp_path):
     cut = encode(long, max_length=8, pair=pair)
     assert cut.num_truncated == 1 and len(cut.input_ids[0]) <= 8
     assert len(cut.aug_visible[0][0]) == len(cut.input_ids[0])
+
+
+def test_eval_harness_on_a_pair_equals_the_anchor_at_init(toks):
+    """calm.evaluate feeds a pair composition its aligned batch (plain ids would be refused)."""
+    from test_eval import EchoTask
+
+    from calm.eval import evaluate
+
+    model = make_model(toks, init="zero")
+    result = evaluate(model, EchoTask(), tokenizer=toks[0], progress=False)
+    alone = evaluate(model.anchor, EchoTask(), tokenizer=toks[0], progress=False)
+    assert result.metadata["model"]["class"] == "CALM"
+    completions = [s["completions"] for s in result.samples]
+    assert completions == [s["completions"] for s in alone.samples]
+    assert any(c[0] for c in completions)
