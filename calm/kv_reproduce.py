@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -62,13 +63,14 @@ class ReproduceConfig:
     all_variants: bool = False
     ablations: bool = False
     bases_dir: str | None = None
-    dc_size: int = 4000
+    dc_size: int = 8000
+    replay: float = 0.25
     steps: int = 600
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 30
     every: int = 1
-    num_heads: int = 16
+    num_heads: int | None = None
     eval_size: int = 300
     threads: int = 2
 
@@ -77,6 +79,8 @@ class ReproduceConfig:
             raise ValueError(f"Unknown D_C variant {self.variant!r}; choose one of {VARIANTS}.")
         if min(self.dc_size, self.steps, self.batch_size, self.eval_size) < 1:
             raise ValueError("dc_size, steps, batch_size and eval_size must be positive.")
+        if not 0.0 <= self.replay < 1.0:
+            raise ValueError(f"replay must be in [0, 1), got {self.replay}.")
 
     @classmethod
     def quick(cls, **overrides) -> ReproduceConfig:
@@ -263,6 +267,28 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
     extra: dict[str, dict] = {}
     samples: dict[str, dict] = {}
 
+    def write() -> dict:
+        results = {
+            "rows": rows,
+            "paper": PAPER,
+            "variant": cfg.variant,
+            "scale": bases.scale.to_dict(),
+            "dc_keys": len(dc_keys),
+            "held_out_keys": len(held_keys),
+            "seed": cfg.seed,
+            "config": asdict(cfg),
+            "bases": {
+                k: {x: v[x] for x in ("steps", "seconds", "gate_accuracy")}
+                for k, v in bases.info.items()
+            },
+            **extra,
+            "samples": samples,
+            "seconds": round(time.time() - start, 1),
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "results.md").write_text(results_markdown(results))
+        return results
+
     def record(name: str, t0: float, result: tuple[dict, dict], **info) -> None:
         scores, samples[name] = result
         rows[name] = {**{k: round(v, 4) for k, v in scores.items()}, "seconds": 0.0}
@@ -270,6 +296,17 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
         rows[name].update(info)
         accs = "  ".join(f"{k} {100 * scores[k]:5.1f}%" for k in TASKS)
         log(f"{name:>16}: {accs}  ({rows[name]['seconds']:.0f} s)")
+        write()
+
+    def dc_data(variant: str) -> list[Example]:
+        """D_C: `variant` examples over the D_C keys, plus a `replay` share of NUM-MATH
+        examples (the same kind of expressions, values substituted) that keep mB's own skill."""
+        n_replay = round(cfg.replay * cfg.dc_size)
+        data = task.composition_data(variant, cfg.dc_size - n_replay, dc_keys, cfg.seed)
+        exprs = task.sample_expressions(n_replay, dc_keys, f"replay-{cfg.seed}")
+        data += [task.num_math(e) for e in exprs]
+        random.Random(cfg.seed).shuffle(data)
+        return data
 
     for name, model in (("mA", mA), ("mB", mB)):
         t0 = time.time()
@@ -279,7 +316,7 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
         torch.manual_seed(seed)
         config = CALMConfig(every=cfg.every, num_heads=cfg.num_heads, mode=mode)
         model = CALM(mB, aug, config)
-        data = task.composition_data(variant, cfg.dc_size, dc_keys, cfg.seed)
+        data = dc_data(variant)
         losses = train_on(
             model,
             model.trainable_parameters(),
@@ -325,7 +362,7 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
         torch.manual_seed(cfg.seed)
         lora, rank = _lora_model(mB, calm_params)
         params = [p for p in lora.parameters() if p.requires_grad]
-        data = task.composition_data(cfg.variant, cfg.dc_size, dc_keys, cfg.seed)
+        data = dc_data(cfg.variant)
         losses = train_on(lora, params, tok, data, cfg, desc=f"LoRA r={rank} on mB")
         record(
             "lora",
@@ -337,25 +374,7 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
             final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
         )
 
-    results = {
-        "rows": rows,
-        "paper": PAPER,
-        "variant": cfg.variant,
-        "scale": bases.scale.to_dict(),
-        "dc_keys": len(dc_keys),
-        "held_out_keys": len(held_keys),
-        "seed": cfg.seed,
-        "config": asdict(cfg),
-        "bases": {
-            k: {x: v[x] for x in ("steps", "seconds", "gate_accuracy")}
-            for k, v in bases.info.items()
-        },
-        **extra,
-        "samples": samples,
-        "seconds": round(time.time() - start, 1),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
+    results = write()
     plot(results, out / "results.png")
     return results
 
