@@ -38,26 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer, name) for --model or --composition."""
+    """(model, tokenizer, name) for --model, or --composition (with its TokenizerPair, if any)."""
+    from calm.commands.generate import load_run
     from calm.commands.train import load_model, load_tokenizer, resolve_source
 
     if args.model:
         source = resolve_source(args.model)
         tokenizer = load_tokenizer(source)
         return load_model(source, "model"), tokenizer, Path(args.model).name or args.model
-    from calm import CALM
-    from calm.commands.generate import base_models
-    from calm.train import resolve_checkpoint
-
     run_dir = Path(args.composition)
-    checkpoint = resolve_checkpoint(run_dir, args.checkpoint)
-    models = base_models(run_dir, checkpoint)
-    anchor_src = resolve_source(args.anchor) if args.anchor else models["anchor"]
-    aug_srcs = [resolve_source(a) for a in args.augment] if args.augment else models["augments"]
-    tokenizer = load_tokenizer(anchor_src if args.anchor else models["tokenizer"])
-    anchor = load_model(anchor_src, "anchor")
-    augments = [load_model(s, f"augmenting model {i}") for i, s in enumerate(aug_srcs)]
-    return CALM.from_pretrained(checkpoint, anchor, augments), tokenizer, run_dir.name
+    model, tokenizer = load_run(run_dir, args.checkpoint, args.anchor, args.augment)
+    return model, tokenizer, run_dir.name
 
 
 def run(args: argparse.Namespace) -> int:
