@@ -149,8 +149,9 @@ def model_identity(model: PreTrainedModel) -> dict[str, str]:
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel())).long()
-            sample = flat[idx.to(flat.device)].to(torch.bfloat16).float().cpu()
+            k = min(64, flat.numel())
+            idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
+            sample = flat[idx].to(torch.bfloat16).float().cpu()
             h.update(name.encode())
             h.update(sample.numpy().tobytes())
     return {

@@ -372,3 +372,16 @@ def test_encoder_mode():
 def test_version_exported():
     assert isinstance(calm.__version__, str)
     assert Connection(1, 2) == Connection(anchor_layer=1, aug_layer=2, augment=0)
+
+
+def test_identity_of_large_parameters():
+    """The fingerprint samples indices exactly even past float32's integer range (2**24)."""
+    from calm.hf import model_identity
+
+    model = tiny_lm("llama", 32, 1)
+    big = torch.nn.Parameter(torch.zeros(2**24 + 5))
+    model.register_parameter("big", big)
+    first = model_identity(model)["weights_fingerprint"]
+    with torch.no_grad():
+        big[-1] = 1.0  # the last element is always sampled
+    assert model_identity(model)["weights_fingerprint"] != first
