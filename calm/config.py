@@ -45,6 +45,9 @@ class CALMConfig:
         exactly before training; "default" uses PyTorch's default initialisation everywhere.
     norm: RMS-normalise the anchor query states and the augmenting states inside each block.
     dropout: attention dropout inside the blocks while training.
+    rope: rotate block queries and keys by their stream positions (rotary embedding, causal mode
+        with a shared tokenizer only), so a block can find "the same position" in the augmenting
+        stream, which content alone does not reveal; off by default (the paper has none).
     dtype: dtype of the composition parameters (float32 by default, whatever the base models use).
     """
 
@@ -55,6 +58,7 @@ class CALMConfig:
     init: str = "zero"
     norm: bool = True
     dropout: float = 0.0
+    rope: bool = False
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -74,6 +78,8 @@ class CALMConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}.")
+        if self.rope and self.mode != "causal":
+            raise ValueError("rope needs mode='causal' (encoder prompts have other positions).")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
         if self.dtype not in DTYPES:

@@ -23,6 +23,16 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding: (B, H, L, Dh) rotated by (B, L) integer positions."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions[:, None, :, None].to(torch.float32) * freqs  # (B, 1, L, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
 class CrossAttentionBlock(nn.Module):
     """f_proj (A -> D), then cross-attention: queries from the anchor, keys/values from f_proj.
 
@@ -39,8 +49,14 @@ class CrossAttentionBlock(nn.Module):
         init: str = "zero",
         norm: bool = True,
         dropout: float = 0.0,
+        rope: bool = False,
     ) -> None:
         super().__init__()
+        if rope and (anchor_dim // max(num_heads, 1)) % 2:
+            raise ValueError(
+                f"rope needs an even head width, got {anchor_dim} / {num_heads} heads; change "
+                "CALMConfig(num_heads=...)."
+            )
         if anchor_dim % num_heads:
             raise ValueError(
                 f"num_heads={num_heads} must divide the anchor width {anchor_dim}; pick a divisor "
@@ -48,6 +64,7 @@ class CrossAttentionBlock(nn.Module):
             )
         self.num_heads = num_heads
         self.dropout = dropout
+        self.rope = rope
         self.aug_norm = RMSNorm(aug_dim) if norm else nn.Identity()
         self.proj = nn.Linear(aug_dim, anchor_dim)
         self.query_norm = RMSNorm(anchor_dim) if norm else nn.Identity()
@@ -62,10 +79,17 @@ class CrossAttentionBlock(nn.Module):
         B, L, D = x.shape
         return x.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, L, Dh)
 
-    def keys_values(self, aug_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, A) augmenting layer outputs -> keys and values, each (B, H, S, Dh)."""
+    def keys_values(
+        self, aug_states: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, A) augmenting layer outputs -> keys and values, each (B, H, S, Dh).
+
+        positions: (B, S) stream positions, used (and required) when the block has rope."""
         x = self.proj(self.aug_norm(aug_states))  # (B, S, D)
-        return self._heads(self.k(x)), self._heads(self.v(x))
+        keys = self._heads(self.k(x))
+        if self.rope:
+            keys = rotate(keys, positions)
+        return keys, self._heads(self.v(x))
 
     def forward(
         self,
@@ -74,6 +98,7 @@ class CrossAttentionBlock(nn.Module):
         values: torch.Tensor,
         mask: torch.Tensor | None,
         query_valid: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T, D) anchor states -> (B, T, D) residual.
 
@@ -85,6 +110,8 @@ class CrossAttentionBlock(nn.Module):
         """
         B, T, D = anchor_states.shape
         q = self._heads(self.q(self.query_norm(anchor_states)))  # (B, H, T, Dh)
+        if self.rope:
+            q = rotate(q, positions)  # positions: (B, T) stream positions of the queries
         out = F.scaled_dot_product_attention(
             q,
             keys,

@@ -85,6 +85,11 @@ class CALM(nn.Module):
         self._aug_layers = tuple(tuple(hf.decoder_layers(a)) for a in augs)
         self.connections = self._resolve_connections(config)
         self.tokenizers = self._check_tokenizers(tokenizers)
+        if config.rope and tokenizers is not None:
+            raise ValueError(
+                "rope needs one token stream; with a TokenizerPair the two models' positions "
+                "differ: use CALMConfig(rope=False)."
+            )
         if config.mode == "causal" and tokenizers is None:
             self._check_vocabularies()
 
@@ -103,6 +108,7 @@ class CALM(nn.Module):
                 init=config.init,
                 norm=config.norm,
                 dropout=config.dropout,
+                rope=config.rope,
             )
             for c in self.connections
         ).to(device=hf.model_device(anchor), dtype=getattr(torch, config.dtype))
@@ -453,19 +459,24 @@ class CALM(nn.Module):
             out.append((torch.cat([kv[j][0], k], 2), torch.cat([kv[j][1], v], 2)))
         return out
 
-    def _keys_values(self, states: AugStates) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _keys_values(
+        self, states: AugStates, positions: torch.Tensor | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         device = hf.model_device(self.anchor)
         dtype = getattr(torch, self.calm_config.dtype)
         return [
-            block.keys_values(states[(c.augment, c.aug_layer)].to(device=device, dtype=dtype))
+            block.keys_values(
+                states[(c.augment, c.aug_layer)].to(device=device, dtype=dtype), positions
+            )
             for c, block in zip(self.connections, self.blocks)
         ]
 
     @contextlib.contextmanager
-    def _composed(self, kv, masks) -> Iterator[None]:
+    def _composed(self, kv, masks, positions: torch.Tensor | None = None) -> Iterator[None]:
         """Hooks that add each block's residual to its anchor layer's output, for one call.
 
-        kv[j]: keys and values of connection j; masks[i]: (mask, rows) for augmenting model i.
+        kv[j]: keys and values of connection j; masks[i]: (mask, rows) for augmenting model i;
+        positions: (B, T) stream positions of this call's anchor tokens (for rope).
         """
         by_layer: dict[int, list[int]] = {}
         for j, c in enumerate(self.connections):
@@ -477,7 +488,7 @@ class CALM(nn.Module):
                 h = _hidden(output)  # (B, T, D)
                 x = h.to(dtype)
                 delta = sum(
-                    self.blocks[j](x, *kv[j], *masks[self.connections[j].augment])
+                    self.blocks[j](x, *kv[j], *masks[self.connections[j].augment], positions)
                     for j in block_ids
                 )
                 return _replace_hidden(output, h + delta.to(h.dtype))
@@ -546,7 +557,8 @@ class CALM(nn.Module):
                     aug_states.update(self._run_augment(i, ids, mask))
             visible = self._check_visible(aug_visible, input_ids)
             masks = self._masks([m for _, m in inputs], attention_mask, 0, visible)
-            with self._composed(self._keys_values(aug_states), masks):
+            positions = hf.position_ids(attention_mask) if self.calm_config.rope else None
+            with self._composed(self._keys_values(aug_states, positions), masks, positions):
                 logits = self._anchor_call(input_ids, attention_mask)
         loss = None
         if labels is not None:
@@ -690,6 +702,7 @@ class CALM(nn.Module):
         past = 0
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
+            positions = hf.position_ids(mask, past) if self.calm_config.rope else None
             if composed:
                 if aligned and past:
                     key_masks, kv = self._feed_aligned(
@@ -700,7 +713,7 @@ class CALM(nn.Module):
                     states = {}
                     for i in range(len(self.augments)):
                         states.update(self._run_augment(i, step_ids, mask, aug_caches[i], past))
-                    new_kv = self._keys_values(states)
+                    new_kv = self._keys_values(states, positions)
                     kv = (
                         new_kv
                         if kv is None
@@ -710,7 +723,7 @@ class CALM(nn.Module):
                         ]
                     )
                     key_masks = [mask] * len(self.augments)
-                with self._composed(kv, self._masks(key_masks, mask, past, visible)):
+                with self._composed(kv, self._masks(key_masks, mask, past, visible), positions):
                     logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)
             else:
                 logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)

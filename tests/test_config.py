@@ -18,6 +18,7 @@ def test_json_round_trip():
         dropout=0.1,
         dtype="bfloat16",
     )
+    assert CALMConfig.from_json(CALMConfig(rope=True).to_json()).rope
     assert CALMConfig.from_json(config.to_json()) == config
     assert CALMConfig.from_json(CALMConfig().to_json()) == CALMConfig()
 

@@ -385,3 +385,36 @@ def test_identity_of_large_parameters():
     with torch.no_grad():
         big[-1] = 1.0  # the last element is always sampled
     assert model_identity(model)["weights_fingerprint"] != first
+
+
+def test_rope_blocks_causal_padding_and_cache(pair):
+    model = CALM(*pair, CALMConfig(rope=True))
+    randomize_blocks(model)
+    plain = CALM(*pair)
+    plain.blocks.load_state_dict(model.blocks.state_dict())
+    ids = random_ids(2, 8)
+    assert not torch.allclose(model(ids).logits, plain(ids).logits)  # rope changes the blocks
+    changed = ids.clone()
+    changed[:, 5:] = 9
+    torch.testing.assert_close(
+        model(ids).logits[:, :5], model(changed).logits[:, :5], atol=1e-6, rtol=0
+    )
+    left, lmask = torch.zeros_like(ids), torch.zeros_like(ids)
+    left[1, 3:], lmask[1, 3:] = ids[1, :5], 1
+    left[0], lmask[0] = ids[0], 1
+    right, rmask = left.clone(), lmask.clone()
+    right[1], rmask[1] = 0, 0
+    right[1, :5], rmask[1, :5] = ids[1, :5], 1
+    lo = model(left, attention_mask=lmask).logits
+    ro = model(right, attention_mask=rmask).logits
+    torch.testing.assert_close(lo[lmask.bool()], ro[rmask.bool()], atol=1e-5, rtol=0)
+    ids2, mask = left_padded()
+    assert torch.equal(
+        model.generate(ids2, attention_mask=mask, max_new_tokens=5, eos_token_id=2, pad_token_id=0),
+        full_recompute_greedy(model, ids2, mask, 5),
+    )
+
+
+def test_rope_needs_causal_mode():
+    with pytest.raises(ValueError, match="rope needs mode='causal'"):
+        CALMConfig(rope=True, mode="encoder")
