@@ -71,6 +71,7 @@ class ReproduceConfig:
     warmup_steps: int = 30
     every: int = 1
     num_heads: int | None = None
+    rope: bool = True  # rotary stream positions in the blocks (CALMConfig.rope); see docs/kv.md
     eval_size: int = 300
     threads: int = 2
 
@@ -314,7 +315,8 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
 
     def compose(aug, variant: str, mode: str = "causal", seed: int = cfg.seed):
         torch.manual_seed(seed)
-        config = CALMConfig(every=cfg.every, num_heads=cfg.num_heads, mode=mode)
+        rope = cfg.rope and mode == "causal"
+        config = CALMConfig(every=cfg.every, num_heads=cfg.num_heads, mode=mode, rope=rope)
         model = CALM(mB, aug, config)
         data = dc_data(variant)
         losses = train_on(

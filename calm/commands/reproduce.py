@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--bases", default=None, help="Base-model directory (default: shipped).")
     parser.add_argument("--steps", type=int, default=None, help="Composition training steps.")
+    parser.add_argument(
+        "--no-rope",
+        action="store_true",
+        help="Compose without rotary positions in the blocks (the paper's plain cross-attention).",
+    )
     parser.add_argument("--eval-size", type=int, default=None, help="Evaluation expressions.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
 
@@ -48,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps)
+    if args.no_rope:
+        cfg = replace(cfg, rope=False)
     if args.eval_size is not None:
         cfg = replace(cfg, eval_size=args.eval_size)
     if args.from_scratch:
