@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from calm.cli import CLIError
+from calm.commands._options import Options, add_config_options, config_values
 
 HELP = "Train a composition of a frozen anchor and frozen augmenting models on a JSONL data set."
 MODELS_NAME = "models.json"  # in the run directory: where the base models and tokenizers came from
@@ -61,10 +62,42 @@ def tokenizer_pair(anchor_tokenizer, aug_srcs: list[str]):
         raise CLIError(str(e)) from None
 
 
+# Options defaulting to TrainConfig's own defaults; the others are set in add_arguments.
+OPTIMIZATION: Options = {
+    "--batch-size": ("batch_size", "Global batch size."),
+    "--grad-accum": ("grad_accum", "Micro-steps per step."),
+    "--lr": ("learning_rate", "Peak learning rate."),
+    "--warmup-steps": ("warmup_steps", "Linear warmup."),
+    "--schedule": ("schedule", "LR decay."),
+    "--weight-decay": ("weight_decay", "AdamW decay."),
+    "--grad-clip": ("grad_clip", "Max gradient norm."),
+    "--max-length": ("max_length", "Tokens per example."),
+    "--truncation": ("truncation", "Long examples."),
+    "--seed": ("seed", "Data order and dropout seed."),
+    "--precision": ("precision", "Autocast."),
+    "--aug-cache": ("aug_cache", "Reuse aug states."),
+    "--cache-dtype": ("cache_dtype", "Cached state dtype."),
+    "--bucket-by-length": ("bucket_by_length", "Batch similar lengths."),
+    "--gradient-checkpointing": ("gradient_checkpointing", "Recompute anchor layers."),
+    "--max-bad-steps": ("max_bad_steps", "NaN limit."),
+}
+RUN_CONTROL: Options = {
+    "--log-every": ("log_every", "Steps per metrics line."),
+    "--keep-last": ("keep_last", "Checkpoints to keep."),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from calm.train import CACHE_DTYPES, CACHES, PRECISIONS, SCHEDULES, TrainConfig
 
     d = TrainConfig(output_dir="-", max_steps=1)
+    choices = {
+        "schedule": SCHEDULES,
+        "truncation": ("right", "error"),
+        "precision": PRECISIONS,
+        "aug_cache": CACHES,
+        "cache_dtype": CACHE_DTYPES,
+    }
     models = parser.add_argument_group("models and data")
     models.add_argument("--anchor", required=True, help="Anchor model directory or hub id.")
     models.add_argument(
@@ -81,33 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("training")
     opt.add_argument("--max-steps", type=int, help="Optimizer steps (and/or --epochs).")
     opt.add_argument("--epochs", type=float, help="Passes over the data (and/or --max-steps).")
-    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="Global batch size.")
-    opt.add_argument("--grad-accum", type=int, default=d.grad_accum, help="Micro-steps per step.")
-    opt.add_argument("--lr", type=float, default=d.learning_rate, help="Peak learning rate.")
-    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="Linear warmup.")
-    opt.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="LR decay.")
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay.")
-    opt.add_argument("--grad-clip", type=float, default=d.grad_clip, help="Max gradient norm.")
-    opt.add_argument("--max-length", type=int, default=d.max_length, help="Tokens per example.")
-    opt.add_argument(
-        "--truncation", choices=("right", "error"), default=d.truncation, help="Long examples."
-    )
-    opt.add_argument("--seed", type=int, default=d.seed, help="Data order and dropout seed.")
-    opt.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="Autocast.")
-    opt.add_argument("--aug-cache", choices=CACHES, default=d.aug_cache, help="Reuse aug states.")
-    opt.add_argument(
-        "--cache-dtype", choices=CACHE_DTYPES, default=d.cache_dtype, help="Cached state dtype."
-    )
-    opt.add_argument("--bucket-by-length", action="store_true", help="Batch similar lengths.")
-    opt.add_argument(
-        "--gradient-checkpointing", action="store_true", help="Recompute anchor layers."
-    )
-    opt.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps, help="NaN limit.")
+    add_config_options(opt, d, OPTIMIZATION, choices)
     run = parser.add_argument_group("run control")
     run.add_argument("--eval-every", type=int, help="Steps between evaluations.")
     run.add_argument("--save-every", type=int, help="Steps between checkpoints.")
-    run.add_argument("--log-every", type=int, default=d.log_every, help="Steps per metrics line.")
-    run.add_argument("--keep-last", type=int, default=d.keep_last, help="Checkpoints to keep.")
+    add_config_options(run, d, RUN_CONTROL)
     run.add_argument("--resume", action="store_true", help="Continue the run in --out.")
     run.add_argument("--force", action="store_true", help="Resume despite a changed config.")
     run.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
@@ -123,29 +134,13 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"{flag} {path}: no such file.")
     config = TrainConfig(
         output_dir=args.out,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        schedule=args.schedule,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
         max_steps=args.max_steps,
         epochs=args.epochs,
-        max_length=args.max_length,
-        truncation=args.truncation,
-        grad_clip=args.grad_clip,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
         eval_every=args.eval_every,
         save_every=args.save_every,
-        log_every=args.log_every,
-        keep_last=args.keep_last,
-        precision=args.precision,
-        aug_cache=args.aug_cache,
-        cache_dtype=args.cache_dtype,
-        bucket_by_length=args.bucket_by_length,
-        gradient_checkpointing=args.gradient_checkpointing,
-        max_bad_steps=args.max_bad_steps,
         progress=not args.no_progress,
+        **config_values(args, OPTIMIZATION),
+        **config_values(args, RUN_CONTROL),
     )
     anchor_src = resolve_source(args.anchor)
     aug_srcs = [resolve_source(a) for a in args.augment]
