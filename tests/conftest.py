@@ -67,11 +67,18 @@ CONFIGS = {
 
 
 def tiny_lm(
-    family: str = "llama", width: int = 32, layers: int = 4, seed: int = 0, dtype=torch.float32
+    family: str = "llama",
+    width: int = 32,
+    layers: int = 4,
+    seed: int = 0,
+    dtype=torch.float32,
+    vocab: int = VOCAB,
 ):
-    """A randomly initialised causal LM of the given family, in eval mode."""
+    """A randomly initialised causal LM of the given family, in eval mode; `vocab` tokens (another
+    tokenizer's vocabulary size where a test tokenizes real text)."""
     torch.manual_seed(seed)
     config = CONFIGS[family](width, layers)
+    config.vocab_size = vocab
     model = T.AutoModelForCausalLM.from_config(config)
     return model.to(dtype).eval()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from conftest import randomize_blocks
+from conftest import randomize_blocks, tiny_lm
 from tokenizers import (
     Tokenizer,
     decoders,
@@ -98,20 +98,8 @@ def toks():
 
 
 def lm(vocab: int, width: int, layers: int, seed: int):
-    torch.manual_seed(seed)
-    config = T.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return T.LlamaForCausalLM(config).eval()
+    """A random Llama over a vocabulary of `vocab` tokens."""
+    return tiny_lm("llama", width, layers, seed, vocab=vocab)
 
 
 def composed(anchor_tok, aug_tok, seed=0):
@@ -121,6 +109,19 @@ def composed(anchor_tok, aug_tok, seed=0):
     model = CALM(anchor, aug, CALMConfig(every=2), tokenizers=pair)
     randomize_blocks(model, seed)
     return pair, model
+
+
+def train_losses(model, batch, labels, steps: int, lr: float) -> list[float]:
+    """The loss before each of `steps` AdamW steps of the composition on one batch."""
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 PAIRS = [("unigram", "bpe"), ("bpe", "wordpiece"), ("wordpiece", "unigram")]
@@ -325,14 +326,7 @@ def test_training_step(toks):
     model.train()
     batch = pair(list(SAMPLES.values()))
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, batch, labels, steps=5, lr=1e-2)
     assert losses[-1] < losses[0]
 
 
@@ -446,15 +440,7 @@ def test_real_pair_smollm2_into_gemma3():
     torch.testing.assert_close(model(**batch).logits[mask], plain[mask], atol=1e-4, rtol=0)
 
     model.train()
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
-    labels = pair.labels(batch)
-    losses = []
-    for _ in range(4):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, batch, pair.labels(batch), steps=4, lr=1e-3)
     model.eval()
     assert losses[-1] < losses[0]
 
