@@ -15,6 +15,7 @@ give the same loss and generate the same tokens.
 """
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def against(base: types.ModuleType, s: run.Setup, reps: int, n: int) -> dict:
         fns[f"{label}new"] = run.calm_step(new, ids)
         if not label:
             ref = reference.ReferenceStep(anchor, aug, new.connections, reference.blocks_like(new))
-            fns["reference"] = lambda: ref(ids)
+            fns["reference"] = functools.partial(ref, ids)
     t = measure.interleaved(fns, reps)
     for key in ("old", "new", "default_old", "default_new"):
         out[f"step_ms_{key}"] = 1e3 * measure.median(t[key])
