@@ -190,7 +190,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     setups = {s.name: s for s in run.FULL}
     chosen = [setups[name] for name in args.configs.split(",")]
-    reps = {"small": 30, "mid": 7}
+    reps = {"small": 90, "mid": 21}  # generation: a third of these
     if args.base:
         base = core_at(args.base)
         res = {"base": args.base, "load_at_start": [round(x, 2) for x in run.os.getloadavg()]}

@@ -10,10 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# F.rms_norm computes in float32 at least: for these input types it is bitwise the formula below;
-# for half types it is more exact than it, so they keep the formula (same numbers as always).
-_RMS_NORM_EXACT = (torch.float32, torch.float64)
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation with a learned per-channel scale."""
@@ -24,8 +20,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in _RMS_NORM_EXACT:  # one fused call, the same arithmetic
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 

@@ -43,14 +43,10 @@ def _replace_hidden(output, hidden: torch.Tensor):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def _mask_kwargs(attention_mask: torch.Tensor, past_length: int, padded: bool | None) -> dict:
+def _mask_kwargs(attention_mask: torch.Tensor, past_length: int) -> dict:
     """attention_mask and position_ids for a base model's forward; none when nothing is padded,
-    where the model derives the same positions itself and skips its per-call mask work.
-
-    padded: whether attention_mask has a 0, when the caller already knows (None: check)."""
-    if padded is None:
-        padded = not bool(attention_mask.all())
-    if not padded:
+    where the model derives the same positions itself and skips its per-call mask work."""
+    if bool(attention_mask.all()):
         return {}
     return {
         "attention_mask": attention_mask,
@@ -82,7 +78,6 @@ class CALM(nn.Module):
         for i, aug in enumerate(augs):
             hf.check_causal_lm(aug, f"augmenting model {i}")
         self.calm_config = config
-        self._dtype = getattr(torch, config.dtype)  # the blocks' compute dtype
         self.anchor = anchor
         self.augments = nn.ModuleList(augs)
         # Plain tuples: the layers are already submodules of the base models.
@@ -116,7 +111,7 @@ class CALM(nn.Module):
                 rope=config.rope,
             )
             for c in self.connections
-        ).to(device=hf.model_device(anchor), dtype=self._dtype)
+        ).to(device=hf.model_device(anchor), dtype=getattr(torch, config.dtype))
         # Which augmenting layers each augmenting model must expose, and the deepest of them.
         self._aug_needed = tuple(
             tuple(sorted({c.aug_layer for c in self.connections if c.augment == i}))
@@ -336,11 +331,8 @@ class CALM(nn.Module):
         attention_mask: torch.Tensor,
         cache=None,
         past_length: int = 0,
-        padded: bool | None = None,
     ) -> AugStates:
-        """Run augmenting model `index` up to its deepest connected layer; no LM head, no grads.
-
-        padded: whether attention_mask has a 0, when the caller already knows (None: check)."""
+        """Run augmenting model `index` up to its deepest connected layer; no LM head, no grads."""
         aug = self.augments[index]
         device = hf.model_device(aug)
         layers = self._aug_layers[index]
@@ -361,7 +353,7 @@ class CALM(nn.Module):
         attention_mask = attention_mask.to(device)
         kwargs = dict(
             input_ids=input_ids.to(device),
-            **_mask_kwargs(attention_mask, past_length, padded),
+            **_mask_kwargs(attention_mask, past_length),
             **hf.cache_kwargs(hf.backbone(aug), cache),
         )
         try:
@@ -400,30 +392,14 @@ class CALM(nn.Module):
         query_mask: torch.Tensor,
         past_length: int,
         visible: list[torch.Tensor] | None = None,
-        padded: bool | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(mask, rows) per augmenting model, for queries at stream positions past_length + t.
 
         key_masks[i]: (B, S_i) padding mask of what augmenting model i has read (past included);
         query_mask: (B, P + T) anchor padding mask (past included);
         visible[i]: (B, T) how many real keys of augmenting model i each query sees (replaces the
-        shared-stream rule; see `calm.tokenizers`);
-        padded: whether query_mask or a key mask has a 0, when the caller already knows.
+        shared-stream rule; see `calm.tokenizers`).
         """
-        offset = past_length if self.calm_config.mode == "causal" else None
-        T = query_mask.shape[1] - past_length
-        if (
-            visible is None
-            and offset is not None
-            and (offset == 0 or T == 1)
-            and all(k.shape[1] == offset + T for k in key_masks)
-        ):
-            if padded is None:
-                padded = not bool(query_mask[:, past_length:].all()) or not all(
-                    bool(k.all()) for k in key_masks
-                )
-            if not padded:  # plain causal attention, no mask to build (see CrossAttentionBlock)
-                return [(None, None)] * len(key_masks)
         device = query_mask.device
         query_valid = query_mask[:, past_length:].bool()
         if visible is not None:
@@ -431,6 +407,16 @@ class CALM(nn.Module):
                 build_mask(k.to(device).bool(), query_valid, None, v)
                 for k, v in zip(key_masks, visible)
             ]
+        offset = past_length if self.calm_config.mode == "causal" else None
+        T = query_valid.shape[1]
+        if (
+            offset is not None
+            and (offset == 0 or T == 1)
+            and all(k.shape[1] == offset + T for k in key_masks)
+            and bool(query_valid.all())
+            and all(bool(k.all()) for k in key_masks)
+        ):  # nothing padded: plain causal attention, no mask to build (see CrossAttentionBlock)
+            return [(None, None)] * len(key_masks)
         built: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         out = []
         for key_mask in key_masks:
@@ -462,27 +448,25 @@ class CALM(nn.Module):
         """kv of every connection with the keys/values of `states` appended; connections whose
         augmenting layer is not in `states` keep theirs."""
         device = hf.model_device(self.anchor)
+        dtype = getattr(torch, self.calm_config.dtype)
         out = []
         for j, (c, block) in enumerate(zip(self.connections, self.blocks)):
             x = states.get((c.augment, c.aug_layer))
             if x is None:
                 out.append(kv[j])
                 continue
-            k, v = block.keys_values(x.to(device=device, dtype=self._dtype))
+            k, v = block.keys_values(x.to(device=device, dtype=dtype))
             out.append((torch.cat([kv[j][0], k], 2), torch.cat([kv[j][1], v], 2)))
         return out
 
     def _keys_values(
-        self,
-        states: AugStates,
-        positions: torch.Tensor | None = None,
-        device: torch.device | None = None,
+        self, states: AugStates, positions: torch.Tensor | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of every connection; device: the anchor's (None: look it up)."""
-        device = hf.model_device(self.anchor) if device is None else device
+        device = hf.model_device(self.anchor)
+        dtype = getattr(torch, self.calm_config.dtype)
         return [
             block.keys_values(
-                states[(c.augment, c.aug_layer)].to(device=device, dtype=self._dtype), positions
+                states[(c.augment, c.aug_layer)].to(device=device, dtype=dtype), positions
             )
             for c, block in zip(self.connections, self.blocks)
         ]
@@ -494,28 +478,26 @@ class CALM(nn.Module):
         kv[j]: keys and values of connection j; masks[i]: (mask, rows) for augmenting model i;
         positions: (B, T) stream positions of this call's anchor tokens (for rope).
         """
-        by_layer: dict[int, list[tuple]] = {}  # anchor layer -> (block, kv, masks) per connection
-        for block, c, kv_j in zip(self.blocks, self.connections, kv):
-            by_layer.setdefault(c.anchor_layer, []).append((block, kv_j, masks[c.augment]))
-        dtype = self._dtype
+        by_layer: dict[int, list[int]] = {}
+        for j, c in enumerate(self.connections):
+            by_layer.setdefault(c.anchor_layer, []).append(j)
+        dtype = getattr(torch, self.calm_config.dtype)
 
-        def add_residual(calls: list[tuple]):
+        def add_residual(block_ids: list[int]):
             def hook(module, args, output):
                 h = _hidden(output)  # (B, T, D)
-                x = h if h.dtype == dtype else h.to(dtype)
-                delta = None
-                for block, (k, v), (mask, rows) in calls:
-                    d = block(x, k, v, mask, rows, positions)
-                    delta = d if delta is None else delta + d
-                if delta.dtype != h.dtype:
-                    delta = delta.to(h.dtype)
-                return _replace_hidden(output, h + delta)
+                x = h.to(dtype)
+                delta = sum(
+                    self.blocks[j](x, *kv[j], *masks[self.connections[j].augment], positions)
+                    for j in block_ids
+                )
+                return _replace_hidden(output, h + delta.to(h.dtype))
 
             return hook
 
         handles = [
-            self._anchor_layers[layer].register_forward_hook(add_residual(calls))
-            for layer, calls in by_layer.items()
+            self._anchor_layers[layer].register_forward_hook(add_residual(ids))
+            for layer, ids in by_layer.items()
         ]
         try:
             yield
@@ -530,11 +512,10 @@ class CALM(nn.Module):
         past_length: int = 0,
         cache=None,
         last_only: bool = False,
-        padded: bool | None = None,
     ) -> torch.Tensor:
         kwargs = dict(
             input_ids=input_ids,
-            **_mask_kwargs(attention_mask, past_length, padded),
+            **_mask_kwargs(attention_mask, past_length),
             **hf.cache_kwargs(self.anchor, cache),
         )
         if last_only and hf.accepts(self.anchor, "logits_to_keep"):
@@ -564,26 +545,21 @@ class CALM(nn.Module):
         self._check_live()
         device = hf.model_device(self.anchor)
         self._check_ids("input_ids", input_ids, device)
-        padded = attention_mask is not None and not bool(attention_mask.all())
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self._disabled:
-            logits = self._anchor_call(input_ids, attention_mask, padded=padded)
+            logits = self._anchor_call(input_ids, attention_mask)
         else:
             inputs = self._aug_inputs(input_ids, attention_mask, aug_input_ids, aug_attention_mask)
-            # Causal mode with one tokenizer: every model reads input_ids with attention_mask.
-            one_stream = self.calm_config.mode == "causal" and self.tokenizers is None
-            shared = padded if one_stream else None
             if aug_states is None:
                 aug_states = {}
                 for i, (ids, mask) in enumerate(inputs):
-                    aug_states.update(self._run_augment(i, ids, mask, padded=shared))
+                    aug_states.update(self._run_augment(i, ids, mask))
             visible = self._check_visible(aug_visible, input_ids)
-            masks = self._masks([m for _, m in inputs], attention_mask, 0, visible, shared)
+            masks = self._masks([m for _, m in inputs], attention_mask, 0, visible)
             positions = hf.position_ids(attention_mask) if self.calm_config.rope else None
-            kv = self._keys_values(aug_states, positions, device)
-            with self._composed(kv, masks, positions):
-                logits = self._anchor_call(input_ids, attention_mask, padded=padded)
+            with self._composed(self._keys_values(aug_states, positions), masks, positions):
+                logits = self._anchor_call(input_ids, attention_mask)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -675,8 +651,6 @@ class CALM(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}.")
         if do_sample:
             check_sampling(temperature, top_k, top_p)
-        # Generation appends unpadded tokens: whether anything is padded never changes.
-        padded = attention_mask is not None and not bool(attention_mask.all())
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         gen_config = getattr(self.anchor, "generation_config", None)
@@ -722,12 +696,11 @@ class CALM(nn.Module):
                 input_ids, attention_mask, inputs, visible, texts, aug_caches
             )
 
-        tokens = []  # (B, 1) per step
+        out = input_ids
         mask = attention_mask
         step_ids = input_ids
         past = 0
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
-        pad = torch.full_like(finished, pad_token_id, dtype=torch.long)
         for _ in range(max_new_tokens):
             positions = hf.position_ids(mask, past) if self.calm_config.rope else None
             if composed:
@@ -739,10 +712,8 @@ class CALM(nn.Module):
                 elif causal and not aligned:
                     states = {}
                     for i in range(len(self.augments)):
-                        states.update(
-                            self._run_augment(i, step_ids, mask, aug_caches[i], past, padded)
-                        )
-                    new_kv = self._keys_values(states, positions, device)
+                        states.update(self._run_augment(i, step_ids, mask, aug_caches[i], past))
+                    new_kv = self._keys_values(states, positions)
                     kv = (
                         new_kv
                         if kv is None
@@ -752,11 +723,10 @@ class CALM(nn.Module):
                         ]
                     )
                     key_masks = [mask] * len(self.augments)
-                masks = self._masks(key_masks, mask, past, visible, padded if causal else None)
-                with self._composed(kv, masks, positions):
-                    logits = self._anchor_call(step_ids, mask, past, anchor_cache, True, padded)
+                with self._composed(kv, self._masks(key_masks, mask, past, visible), positions):
+                    logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)
             else:
-                logits = self._anchor_call(step_ids, mask, past, anchor_cache, True, padded)
+                logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)
             token = next_token(
                 logits,
                 do_sample=do_sample,
@@ -765,17 +735,16 @@ class CALM(nn.Module):
                 top_p=top_p,
                 generator=generator,
             )
-            if len(eos):  # without eos no row ever finishes
-                token = torch.where(finished, pad, token)
-                finished |= torch.isin(token, eos)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            finished |= torch.isin(token, eos)
+            out = torch.cat([out, token[:, None]], 1)
             if streamer is not None:
                 streamer.put(token.cpu())
             past += step_ids.shape[1]
             step_ids = token[:, None]
-            tokens.append(step_ids)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            if len(eos) and finished.all():
+            if finished.all():
                 break
         if streamer is not None:
             streamer.end()
-        return torch.cat([input_ids, *tokens], 1) if tokens else input_ids
+        return out
