@@ -67,7 +67,8 @@ class ReproduceConfig:
     replay: float = 0.25
     steps: int = 600
     batch_size: int = 64
-    learning_rate: float = 3e-3
+    learning_rate: float = 6e-3
+    dropout: float = 0.1  # attention dropout in the blocks (and LoRA's); see docs/kv.md
     warmup_steps: int = 30
     every: int = 1
     num_heads: int | None = None
@@ -80,6 +81,10 @@ class ReproduceConfig:
             raise ValueError(f"Unknown D_C variant {self.variant!r}; choose one of {VARIANTS}.")
         if min(self.dc_size, self.steps, self.batch_size, self.eval_size) < 1:
             raise ValueError("dc_size, steps, batch_size and eval_size must be positive.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
         if not 0.0 <= self.replay < 1.0:
             raise ValueError(f"replay must be in [0, 1), got {self.replay}.")
 
@@ -230,7 +235,7 @@ def train_on(
     return losses
 
 
-def _lora_model(mB, target: int):
+def _lora_model(mB, target: int, dropout: float = 0.0):
     """mB wrapped with LoRA on every linear layer, rank chosen to match `target` parameters."""
     from peft import LoraConfig, get_peft_model
 
@@ -241,7 +246,7 @@ def _lora_model(mB, target: int):
         if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in modules
     )
     rank = max(1, round(target / per_rank))
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, lora_dropout=0.0)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, lora_dropout=dropout)
     return get_peft_model(copy.deepcopy(mB), config), rank
 
 
@@ -316,7 +321,9 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
     def compose(aug, variant: str, mode: str = "causal", seed: int = cfg.seed):
         torch.manual_seed(seed)
         rope = cfg.rope and mode == "causal"
-        config = CALMConfig(every=cfg.every, num_heads=cfg.num_heads, mode=mode, rope=rope)
+        config = CALMConfig(
+            every=cfg.every, num_heads=cfg.num_heads, mode=mode, rope=rope, dropout=cfg.dropout
+        )
         model = CALM(mB, aug, config)
         data = dc_data(variant)
         losses = train_on(
@@ -362,7 +369,7 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
 
         t0 = time.time()
         torch.manual_seed(cfg.seed)
-        lora, rank = _lora_model(mB, calm_params)
+        lora, rank = _lora_model(mB, calm_params, cfg.dropout)
         params = [p for p in lora.parameters() if p.requires_grad]
         data = dc_data(cfg.variant)
         losses = train_on(lora, params, tok, data, cfg, desc=f"LoRA r={rank} on mB")

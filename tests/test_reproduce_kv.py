@@ -64,3 +64,22 @@ def test_reproduce_writes_the_results_contract(bases_dir, tmp_path):
 def test_unknown_variant_raises():
     with pytest.raises(ValueError, match="D_C variant"):
         ReproduceConfig(variant="kv_mul")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("dropout", 1.0, "dropout"), ("dropout", -0.1, "dropout"), ("learning_rate", 0.0, "rate")],
+)
+def test_bad_training_settings_raise(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ReproduceConfig(**{field: value})
+
+
+@pytest.mark.slow
+def test_lora_gets_the_composition_dropout(bases_dir):
+    from calm.kv_reproduce import _lora_model, load_bases
+
+    mB = load_bases(bases_dir).models["mB"]
+    lora, rank = _lora_model(mB, 1000, dropout=0.1)
+    drops = [m for n, m in lora.named_modules() if n.endswith("lora_dropout.default")]
+    assert rank >= 1 and drops and all(m.p == 0.1 for m in drops)

@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Compose without rotary positions in the blocks (the paper's plain cross-attention).",
     )
+    parser.add_argument("--lr", type=float, default=None, help="Composition learning rate.")
+    parser.add_argument(
+        "--dropout", type=float, default=None, help="Attention dropout in the blocks (and LoRA)."
+    )
     parser.add_argument("--eval-size", type=int, default=None, help="Evaluation expressions.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
 
@@ -55,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, steps=args.steps)
     if args.no_rope:
         cfg = replace(cfg, rope=False)
+    if args.lr is not None:
+        cfg = replace(cfg, learning_rate=args.lr)
+    if args.dropout is not None:
+        cfg = replace(cfg, dropout=args.dropout)
     if args.eval_size is not None:
         cfg = replace(cfg, eval_size=args.eval_size)
     if args.from_scratch:
