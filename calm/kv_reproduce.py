@@ -428,12 +428,19 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(2.2 + 1.3 * len(rows), 3.6))
     for i, (name, row) in enumerate(rows.items()):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(TASKS))]
-        ax.bar(xs, [100 * row[t] for t in TASKS], width, label=name)
+        values = [100 * row[t] for t in TASKS]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, [f"{v:.0f}" for v in values], fontsize=6, padding=1)
+        paper = results["paper"].get(name, {})
+        for x, t in zip(xs, TASKS):  # the paper's number for this row, as a black tick
+            if t in paper:
+                ax.plot([x - width / 2, x + width / 2], [100 * paper[t]] * 2, color="black", lw=1.5)
+    ax.plot([], [], color="black", lw=1.5, label="paper")
     ax.set_xticks(range(len(TASKS)), ["KV-SUBS", "NUM-MATH", "KV-MATH"])
     ax.set_ylabel("accuracy on held-out keys (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 108)
     ax.set_title(f"CALM key-value arithmetic (D_C: {results['variant']}, seed {results['seed']})")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -83,3 +83,19 @@ def test_lora_gets_the_composition_dropout(bases_dir):
     lora, rank = _lora_model(mB, 1000, dropout=0.1)
     drops = [m for n, m in lora.named_modules() if n.endswith("lora_dropout.default")]
     assert rank >= 1 and drops and all(m.p == 0.1 for m in drops)
+
+
+@pytest.mark.slow
+def test_memorization_script_reports_both_key_sets():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "kv_memorization.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--steps", "2", "--eval-every", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "step 2 " in out and "held-out KV-SUBS" in out and "D_C-key KV-SUBS" in out
