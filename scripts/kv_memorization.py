@@ -7,6 +7,7 @@ mA's substitution scores alike on both; one that memorizes the D_C keys' values 
 
     python scripts/kv_memorization.py --seed 2 --lr 6e-3 --dropout 0.0
     python scripts/kv_memorization.py --seed 2 --lr 6e-3 --dropout 0.1
+    python scripts/kv_memorization.py --seed 5 --dropout 0.1 --connections 2:2,3:3
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 import calm.kv_reproduce as kr
 from calm import CALM, CALMConfig
+from calm.config import Connection
 from calm.tasks.kv import KVTask
 
 
@@ -34,6 +36,11 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument(
+        "--connections",
+        default=None,
+        help="anchor:aug layer pairs, e.g. 2:2,3:3 (default: every mA layer, as calm reproduce)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -51,7 +58,12 @@ def main() -> None:
     seen = kr.eval_sets(task, dc_keys, 100, args.seed + 100)["kv_subs"]
 
     torch.manual_seed(args.seed)
-    model = CALM(mB, mA, CALMConfig(every=1, rope=True, dropout=args.dropout))
+    if args.connections:
+        pairs = [tuple(map(int, p.split(":"))) for p in args.connections.split(",")]
+        wiring = {"connections": tuple(Connection(b, a) for b, a in pairs)}
+    else:
+        wiring = {"every": 1}
+    model = CALM(mB, mA, CALMConfig(rope=True, dropout=args.dropout, **wiring))
     ids, mask, labels = kr.encode_examples(tok, data)
     with torch.no_grad():
         chunks = [

@@ -86,14 +86,15 @@ def test_lora_gets_the_composition_dropout(bases_dir):
 
 
 @pytest.mark.slow
-def test_memorization_script_reports_both_key_sets():
+@pytest.mark.parametrize("wiring", [[], ["--connections", "3:3"]])
+def test_memorization_script_reports_both_key_sets(wiring):
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "scripts" / "kv_memorization.py"
     out = subprocess.run(
-        [sys.executable, str(script), "--steps", "2", "--eval-every", "2"],
+        [sys.executable, str(script), "--steps", "2", "--eval-every", "2", *wiring],
         capture_output=True,
         text=True,
         check=True,
