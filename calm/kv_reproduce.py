@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -169,6 +169,17 @@ def evaluate(
 # --- composition training ------------------------------------------------------------------
 
 
+def dc_data(task: KVTask, dc_keys: list[str], variant: str, cfg: ReproduceConfig) -> list[Example]:
+    """D_C: `variant` examples over the D_C keys, plus a `replay` share of NUM-MATH examples
+    (the same kind of expressions, values substituted) that keep mB's own skill."""
+    n_replay = round(cfg.replay * cfg.dc_size)
+    data = task.composition_data(variant, cfg.dc_size - n_replay, dc_keys, cfg.seed)
+    exprs = task.sample_expressions(n_replay, dc_keys, f"replay-{cfg.seed}")
+    data += [task.num_math(e) for e in exprs]
+    random.Random(cfg.seed).shuffle(data)
+    return data
+
+
 def _lr(step: int, cfg: ReproduceConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
@@ -184,10 +195,13 @@ def train_on(
     cfg: ReproduceConfig,
     desc: str,
     encoder: bool = False,
+    on_step: Callable[[int, list[float]], None] | None = None,
 ) -> list[float]:
     """Train `parameters` of `model` (a CALM or a LoRA-wrapped mB) on `data`; returns losses.
 
     For a causal CALM the frozen augmenting states of the whole of `data` are computed once.
+    `on_step(step, losses)`, if given, runs after each optimizer step (it may evaluate the
+    model; training mode is restored after it).
     """
     input_ids, mask, labels = encode_examples(tokenizer, data)  # (N, T) each
     extra: dict[str, torch.Tensor] = {}
@@ -231,6 +245,9 @@ def train_on(
         optimizer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step is not None:
+            on_step(step, losses)
+            model.train()
     model.eval()
     return losses
 
@@ -304,16 +321,6 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
         log(f"{name:>16}: {accs}  ({rows[name]['seconds']:.0f} s)")
         write()
 
-    def dc_data(variant: str) -> list[Example]:
-        """D_C: `variant` examples over the D_C keys, plus a `replay` share of NUM-MATH
-        examples (the same kind of expressions, values substituted) that keep mB's own skill."""
-        n_replay = round(cfg.replay * cfg.dc_size)
-        data = task.composition_data(variant, cfg.dc_size - n_replay, dc_keys, cfg.seed)
-        exprs = task.sample_expressions(n_replay, dc_keys, f"replay-{cfg.seed}")
-        data += [task.num_math(e) for e in exprs]
-        random.Random(cfg.seed).shuffle(data)
-        return data
-
     for name, model in (("mA", mA), ("mB", mB)):
         t0 = time.time()
         record(name, t0, evaluate(model, tok, sets))
@@ -325,7 +332,7 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
             every=cfg.every, num_heads=cfg.num_heads, mode=mode, rope=rope, dropout=cfg.dropout
         )
         model = CALM(mB, aug, config)
-        data = dc_data(variant)
+        data = dc_data(task, dc_keys, variant, cfg)
         losses = train_on(
             model,
             model.trainable_parameters(),
@@ -371,7 +378,7 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
         torch.manual_seed(cfg.seed)
         lora, rank = _lora_model(mB, calm_params, cfg.dropout)
         params = [p for p in lora.parameters() if p.requires_grad]
-        data = dc_data(cfg.variant)
+        data = dc_data(task, dc_keys, cfg.variant, cfg)
         losses = train_on(lora, params, tok, data, cfg, desc=f"LoRA r={rank} on mB")
         record(
             "lora",

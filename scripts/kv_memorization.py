@@ -13,7 +13,6 @@ mA's substitution scores alike on both; one that memorizes the D_C keys' values 
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
 import torch
@@ -49,11 +48,7 @@ def main() -> None:
     task = KVTask(bases.scale)
     dc_keys, held_keys = task.split_keys(args.seed)
     cfg = kr.ReproduceConfig(seed=args.seed, learning_rate=args.lr, steps=args.steps)
-    n_replay = round(cfg.replay * cfg.dc_size)
-    data = task.composition_data("subs_math", cfg.dc_size - n_replay, dc_keys, args.seed)
-    replay = task.sample_expressions(n_replay, dc_keys, f"replay-{args.seed}")
-    data += [task.num_math(e) for e in replay]
-    random.Random(args.seed).shuffle(data)
+    data = kr.dc_data(task, dc_keys, "subs_math", cfg)
     held = kr.eval_sets(task, held_keys, 150, args.seed)["kv_subs"]
     seen = kr.eval_sets(task, dc_keys, 100, args.seed + 100)["kv_subs"]
 
@@ -64,43 +59,21 @@ def main() -> None:
     else:
         wiring = {"every": 1}
     model = CALM(mB, mA, CALMConfig(rope=True, dropout=args.dropout, **wiring))
-    ids, mask, labels = kr.encode_examples(tok, data)
-    with torch.no_grad():
-        chunks = [
-            model.augment_states(ids[i : i + 512], mask[i : i + 512])
-            for i in range(0, len(data), 512)
-        ]
-    states = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
-    params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(args.seed)
-    order, pos, losses, start = torch.randperm(len(data), generator=generator), 0, [], time.time()
-    for step in range(args.steps):
-        if pos + cfg.batch_size > len(order):
-            order, pos = torch.randperm(len(data), generator=generator), 0
-        idx = order[pos : pos + cfg.batch_size]
-        pos += cfg.batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = kr._lr(step, cfg)
-        model.train()
-        aug_states = {k: v[idx] for k, v in states.items()}
-        loss = model(
-            input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx], aug_states=aug_states
-        ).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            model.eval()
-            print(
-                f"step {step + 1} loss {sum(losses[-20:]) / len(losses[-20:]):.4f} "
-                f"held-out KV-SUBS {kv_subs_accuracy(model, tok, held):.3f} "
-                f"D_C-key KV-SUBS {kv_subs_accuracy(model, tok, seen):.3f} "
-                f"({time.time() - start:.0f} s)",
-                flush=True,
-            )
+    start = time.time()
+
+    def report(step: int, losses: list[float]) -> None:
+        if (step + 1) % args.eval_every and step + 1 != args.steps:
+            return
+        model.eval()
+        print(
+            f"step {step + 1} loss {sum(losses[-20:]) / len(losses[-20:]):.4f} "
+            f"held-out KV-SUBS {kv_subs_accuracy(model, tok, held):.3f} "
+            f"D_C-key KV-SUBS {kv_subs_accuracy(model, tok, seen):.3f} "
+            f"({time.time() - start:.0f} s)",
+            flush=True,
+        )
+
+    kr.train_on(model, model.trainable_parameters(), tok, data, cfg, "compose", on_step=report)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import randomize_blocks
 from test_tokenizers import byte_bpe, lm, unigram
+from test_train import config as train_config
 
 from calm import CALM, CALMConfig, TokenizerPair
 from calm.data import IGNORE, collate, encode
@@ -45,14 +46,8 @@ def records(n: int = 8) -> list[dict]:
 
 
 def config(tmp_path, name: str, **kw) -> TrainConfig:
-    base = dict(
-        output_dir=str(tmp_path / name),
-        learning_rate=1e-2,
-        batch_size=4,
-        max_steps=6,
-        progress=False,
-    )
-    return TrainConfig(**{**base, **kw})
+    """test_train's config without its warm-up."""
+    return train_config(tmp_path, name, **{"warmup_steps": 0, **kw})
 
 
 def losses(run_dir) -> list[float]:
