@@ -12,6 +12,8 @@ import copy
 import json
 import math
 import random
+import re
+import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -69,6 +71,8 @@ class ReproduceConfig:
     batch_size: int = 64
     learning_rate: float = 6e-3
     dropout: float = 0.1  # attention dropout in the blocks (and LoRA's); see docs/kv.md
+    key_noise: float = 0.0  # share of D_C examples whose keys the anchor reads scrambled
+    fake_keys: float = 0.25  # share of D_C over non-keys labelled by mA; see docs/kv.md
     warmup_steps: int = 30
     every: int = 1
     num_heads: int | None = None
@@ -81,12 +85,19 @@ class ReproduceConfig:
             raise ValueError(f"Unknown D_C variant {self.variant!r}; choose one of {VARIANTS}.")
         if min(self.dc_size, self.steps, self.batch_size, self.eval_size) < 1:
             raise ValueError("dc_size, steps, batch_size and eval_size must be positive.")
+        if not 0.0 <= self.key_noise <= 1.0:
+            raise ValueError(f"key_noise must be in [0, 1], got {self.key_noise}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
         if not 0.0 <= self.replay < 1.0:
             raise ValueError(f"replay must be in [0, 1), got {self.replay}.")
+        if not 0.0 <= self.fake_keys or self.replay + self.fake_keys >= 1.0:
+            raise ValueError(
+                f"fake_keys must be >= 0 and leave room for key examples: replay {self.replay} "
+                f"+ fake_keys {self.fake_keys} must be < 1."
+            )
 
     @classmethod
     def quick(cls, **overrides) -> ReproduceConfig:
@@ -169,15 +180,95 @@ def evaluate(
 # --- composition training ------------------------------------------------------------------
 
 
-def dc_data(task: KVTask, dc_keys: list[str], variant: str, cfg: ReproduceConfig) -> list[Example]:
+def self_labelled(
+    task: KVTask,
+    mA: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    variant: str,
+    n: int,
+    seed: int,
+) -> list[Example]:
+    """`n` `variant` examples over strings that are not keys (`KVTask.fake_expressions`), each
+    labelled with the values mA writes for it (greedy KV-SUBS) instead of the map's.
+
+    mA's substitution of a non-key is whatever it makes of the string; the composition learns
+    from these to pass on what mA writes, on as many distinct strings as it sees examples,
+    where 40 D_C keys alone let the blocks store those keys' values (docs/kv.md). Expressions
+    whose substitution does not parse as one value of the task's width per operand, with the
+    prompt's operators, or whose running results go negative, are skipped; an mA that writes
+    too few well-formed values (an undertrained one) yields fewer than `n` examples.
+    """
+    make = getattr(task, variant)
+    width = task.scale.value_width
+    out: list[Example] = []
+    for attempt in range(5):
+        exprs = task.fake_expressions(max(64, 2 * (n - len(out))), f"fake-{seed}-{attempt}")
+        prompts = [task.key_string(e) + "=" for e in exprs]
+        before = len(out)
+        max_new = (width + 1) * task.scale.max_operands + 1
+        for e, got in zip(exprs, complete(mA, tokenizer, prompts, max_new), strict=True):
+            subs = parse_subs(got)
+            chunks = subs.replace("-", "+").replace("*", "+").split("+")
+            if len(chunks) != len(e.keys) or not all(
+                len(c) == width and c.isdigit() for c in chunks
+            ):
+                continue
+            values = [int(c[::-1]) for c in chunks]
+            if task.value_string(e, values) != subs or min(task.evaluate(values, e.ops)) < 0:
+                continue
+            out.append(make(e, values))
+            if len(out) == n:
+                return out
+        if len(out) - before < len(exprs) // 20:  # under 5% well formed: mA is not the map's
+            break
+    return out
+
+
+def dc_data(
+    task: KVTask,
+    dc_keys: list[str],
+    variant: str,
+    cfg: ReproduceConfig,
+    mA: LlamaForCausalLM | None = None,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> list[Example]:
     """D_C: `variant` examples over the D_C keys, plus a `replay` share of NUM-MATH examples
-    (the same kind of expressions, values substituted) that keep mB's own skill."""
+    (the same kind of expressions, values substituted) that keep mB's own skill, plus a
+    `fake_keys` share of examples over non-keys labelled by `mA` (`self_labelled`)."""
     n_replay = round(cfg.replay * cfg.dc_size)
-    data = task.composition_data(variant, cfg.dc_size - n_replay, dc_keys, cfg.seed)
+    n_fake = round(cfg.fake_keys * cfg.dc_size)
+    if n_fake and (mA is None or tokenizer is None):
+        raise ValueError("D_C with fake_keys > 0 needs mA and its tokenizer to label them.")
+    data = task.composition_data(variant, cfg.dc_size - n_replay - n_fake, dc_keys, cfg.seed)
     exprs = task.sample_expressions(n_replay, dc_keys, f"replay-{cfg.seed}")
     data += [task.num_math(e) for e in exprs]
+    if n_fake:
+        data += self_labelled(task, mA, tokenizer, variant, n_fake, cfg.seed)
     random.Random(cfg.seed).shuffle(data)
     return data
+
+
+def scramble_keys(
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    key_ids: torch.Tensor,
+    p: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """A copy of (B, T) `ids` where, in each row with probability `p`, every prompt token (label
+    -100) that is one of `key_ids` is replaced by a uniformly drawn token of `key_ids`."""
+    rows = torch.rand(ids.shape[0], 1, generator=generator) < p
+    hit = rows & (labels == -100) & torch.isin(ids, key_ids)
+    draws = key_ids[torch.randint(len(key_ids), ids.shape, generator=generator)]
+    return torch.where(hit, draws, ids)
+
+
+def key_token_ids(tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
+    """The ids of the letters keys are spelled with (one token per letter)."""
+    ids = tokenizer.convert_tokens_to_ids(list(string.ascii_lowercase))
+    if tokenizer.unk_token_id in ids:
+        raise ValueError("The key-value tokenizer must have one token per lowercase letter.")
+    return torch.tensor(ids)
 
 
 def _lr(step: int, cfg: ReproduceConfig) -> float:
@@ -196,10 +287,15 @@ def train_on(
     desc: str,
     encoder: bool = False,
     on_step: Callable[[int, list[float]], None] | None = None,
+    key_ids: torch.Tensor | None = None,
 ) -> list[float]:
     """Train `parameters` of `model` (a CALM or a LoRA-wrapped mB) on `data`; returns losses.
 
     For a causal CALM the frozen augmenting states of the whole of `data` are computed once.
+    `key_ids` (a CALM only): the token ids keys are spelled with. With `cfg.key_noise` = p, each
+    example's key tokens are, with probability p, replaced in the anchor's copy of the input by
+    random tokens from `key_ids` (the augmenting model still reads the true keys), so the value
+    of a key can only come from the augmenting model: the blocks cannot store the D_C keys.
     `on_step(step, losses)`, if given, runs after each optimizer step (it may evaluate the
     model; training mode is restored after it).
     """
@@ -236,9 +332,10 @@ def train_on(
             kwargs["aug_states"] = {k: v[idx] for k, v in states.items()}
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg)
-        loss = model(
-            input_ids=input_ids[idx], attention_mask=mask[idx], labels=labels[idx], **kwargs
-        ).loss
+        ids = input_ids[idx]
+        if key_ids is not None and cfg.key_noise > 0:
+            ids = scramble_keys(ids, labels[idx], key_ids, cfg.key_noise, generator)
+        loss = model(input_ids=ids, attention_mask=mask[idx], labels=labels[idx], **kwargs).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -325,6 +422,27 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
         t0 = time.time()
         record(name, t0, evaluate(model, tok, sets))
 
+    dc_sets: dict[str, list] = {}
+
+    def dc_for(variant: str) -> list:
+        """D_C of `variant`, built once: every row trained on it gets the same examples (the
+        fake-key share labelled by the shipped mA, whatever the row's augmenting model)."""
+        if variant not in dc_sets:
+            data = dc_data(task, dc_keys, variant, cfg, mA, tok)
+            operand = [re.match("[a-z]*", ex.prompt)[0] for ex in data]
+            counts = {
+                "keys": sum(w in task.kv for w in operand),
+                "replay": sum(not w for w in operand),
+                "fake": sum(bool(w) and w not in task.kv for w in operand),
+            }
+            extra.setdefault("dc_examples", {})[variant] = counts
+            log(
+                f"D_C ({variant}): {counts['keys']} examples over the D_C keys, {counts['replay']} "
+                f"NUM-MATH replay, {counts['fake']} over non-keys labelled by mA"
+            )
+            dc_sets[variant] = data
+        return dc_sets[variant]
+
     def compose(aug, variant: str, mode: str = "causal", seed: int = cfg.seed):
         torch.manual_seed(seed)
         rope = cfg.rope and mode == "causal"
@@ -332,7 +450,7 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
             every=cfg.every, num_heads=cfg.num_heads, mode=mode, rope=rope, dropout=cfg.dropout
         )
         model = CALM(mB, aug, config)
-        data = dc_data(task, dc_keys, variant, cfg)
+        data = dc_for(variant)
         losses = train_on(
             model,
             model.trainable_parameters(),
@@ -341,6 +459,7 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
             cfg,
             desc=f"compose ({variant}, {mode})",
             encoder=mode == "encoder",
+            key_ids=key_token_ids(tok),
         )
         result = evaluate(model, tok, sets, encoder=mode == "encoder")
         n = model.num_trainable_parameters()
@@ -378,7 +497,7 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
         torch.manual_seed(cfg.seed)
         lora, rank = _lora_model(mB, calm_params, cfg.dropout)
         params = [p for p in lora.parameters() if p.requires_grad]
-        data = dc_data(task, dc_keys, cfg.variant, cfg)
+        data = dc_for(cfg.variant)
         losses = train_on(lora, params, tok, data, cfg, desc=f"LoRA r={rank} on mB")
         record(
             "lora",

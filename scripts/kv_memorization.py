@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--lr", type=float, default=6e-3)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--key-noise", type=float, default=0.0)
+    parser.add_argument("--fake-keys", type=float, default=kr.ReproduceConfig.fake_keys)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument(
@@ -47,8 +49,14 @@ def main() -> None:
     tok, mA, mB = bases.tokenizer, bases.models["mA"], bases.models["mB"]
     task = KVTask(bases.scale)
     dc_keys, held_keys = task.split_keys(args.seed)
-    cfg = kr.ReproduceConfig(seed=args.seed, learning_rate=args.lr, steps=args.steps)
-    data = kr.dc_data(task, dc_keys, "subs_math", cfg)
+    cfg = kr.ReproduceConfig(
+        seed=args.seed,
+        learning_rate=args.lr,
+        steps=args.steps,
+        key_noise=args.key_noise,
+        fake_keys=args.fake_keys,
+    )
+    data = kr.dc_data(task, dc_keys, "subs_math", cfg, mA, tok)
     held = kr.eval_sets(task, held_keys, 150, args.seed)["kv_subs"]
     seen = kr.eval_sets(task, dc_keys, 100, args.seed + 100)["kv_subs"]
 
@@ -73,7 +81,16 @@ def main() -> None:
             flush=True,
         )
 
-    kr.train_on(model, model.trainable_parameters(), tok, data, cfg, "compose", on_step=report)
+    kr.train_on(
+        model,
+        model.trainable_parameters(),
+        tok,
+        data,
+        cfg,
+        "compose",
+        on_step=report,
+        key_ids=kr.key_token_ids(tok),
+    )
 
 
 if __name__ == "__main__":

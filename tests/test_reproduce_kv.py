@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from calm.kv_reproduce import ReproduceConfig, run_reproduction
 from calm.pretrain import ModelShape, PretrainConfig, pretrain
@@ -68,7 +69,12 @@ def test_unknown_variant_raises():
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("dropout", 1.0, "dropout"), ("dropout", -0.1, "dropout"), ("learning_rate", 0.0, "rate")],
+    [
+        ("dropout", 1.0, "dropout"),
+        ("dropout", -0.1, "dropout"),
+        ("learning_rate", 0.0, "rate"),
+        ("key_noise", 1.5, "key_noise"),
+    ],
 )
 def test_bad_training_settings_raise(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -100,3 +106,122 @@ def test_memorization_script_reports_both_key_sets(wiring):
         check=True,
     ).stdout
     assert "step 2 " in out and "held-out KV-SUBS" in out and "D_C-key KV-SUBS" in out
+
+
+def _kv_tokenizer():
+    from transformers import AutoTokenizer
+
+    from calm.kv_reproduce import ASSETS
+
+    return AutoTokenizer.from_pretrained(ASSETS / "mA")
+
+
+def test_scramble_keys_touches_only_prompt_letters():
+    from calm.kv_reproduce import key_token_ids, scramble_keys
+    from calm.pretrain import encode_examples
+    from calm.tasks.kv import Example
+
+    tok = _kv_tokenizer()
+    letters = key_token_ids(tok)
+    assert tok.convert_ids_to_tokens(letters.tolist()) == list("abcdefghijklmnopqrstuvwxyz")
+    examples = [Example("abc+xyzw-qq=", "123+456-789=0|9", 9)] * 64
+    ids, _, labels = encode_examples(tok, examples)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(scramble_keys(ids, labels, letters, 0.0, g), ids)
+
+    out = scramble_keys(ids, labels, letters, 1.0, g)
+    key_pos = (labels == -100) & torch.isin(ids, letters)
+    assert torch.equal(out[~key_pos], ids[~key_pos])  # operators, '=', completion, padding kept
+    assert torch.isin(out[key_pos], letters).all()
+    assert (out[key_pos] != ids[key_pos]).float().mean() > 0.8  # 25 of 26 draws differ
+
+    half = scramble_keys(ids, labels, letters, 0.5, g)
+    changed = (half != ids).any(1).float().mean()
+    assert 0.2 < changed < 0.8
+
+
+def test_key_noise_reaches_only_the_anchor():
+    """With key_noise=1 the anchor reads scrambled keys and the augmenting model the true ones."""
+    from calm import CALM, CALMConfig
+    from calm.kv_reproduce import key_token_ids, train_on
+    from calm.pretrain import build_model
+    from calm.tasks.kv import Example
+
+    tok = _kv_tokenizer()
+    shape = ModelShape(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    anchor, aug = build_model(tok, shape, seed=0), build_model(tok, shape, seed=1)
+    seen = {"anchor": [], "aug": []}
+    for name, m in (("anchor", anchor), ("aug", aug)):
+        m.get_input_embeddings().register_forward_pre_hook(
+            lambda mod, args, name=name: seen[name].append(args[0].clone())
+        )
+    data = [Example("abcd+efg-hij=", "1+2-3=0|0", 0)] * 8
+    cfg = ReproduceConfig(steps=2, batch_size=8, key_noise=1.0, dropout=0.0)
+    model = CALM(anchor, aug, CALMConfig(every=1))
+    train_on(model, model.trainable_parameters(), tok, data, cfg, "t", key_ids=key_token_ids(tok))
+    prompt = tok("abcd+efg-hij=")["input_ids"]
+    true_prompt = torch.tensor(prompt)
+    assert all(
+        torch.equal(x[:, : len(prompt)], true_prompt.expand_as(x[:, : len(prompt)]))
+        for x in seen["aug"]
+    )
+    assert len(seen["anchor"]) == 2
+    assert all((x[:, : len(prompt)] != true_prompt).any() for x in seen["anchor"])
+
+
+@pytest.mark.parametrize(("field", "value"), [("fake_keys", -0.1), ("fake_keys", 0.75)])
+def test_fake_keys_must_leave_room_for_key_examples(field, value):
+    with pytest.raises(ValueError, match="fake_keys"):
+        ReproduceConfig(**{field: value})
+
+
+def test_self_labelled_examples_carry_mAs_own_values():
+    """Examples over non-keys: the substitution is mA's greedy output, the rest computed on it."""
+    import re
+
+    from calm.kv_reproduce import complete, load_bases, self_labelled
+    from calm.tasks.kv import KVTask, parse_result, parse_subs
+
+    bases = load_bases()
+    task, mA, tok = KVTask(bases.scale), bases.models["mA"], bases.tokenizer
+    data = self_labelled(task, mA, tok, "subs_math", 40, seed=0)
+    assert len(data) == 40
+    written = complete(mA, tok, [ex.prompt for ex in data], 13)
+    for ex, got in zip(data, written, strict=True):
+        assert not set(re.findall("[a-z]+", ex.prompt)) & set(task.kv)
+        subs = parse_subs(ex.completion)
+        assert subs == parse_subs(got)
+        values = [int(v[::-1]) for v in re.findall(r"\d+", subs)]
+        ops = tuple(re.findall(r"[+\-]", subs))
+        assert parse_result(ex.completion) == ex.answer == task.evaluate(values, ops)[-1]
+
+
+def test_dc_data_with_an_untrained_mA_keeps_the_key_examples(bases_dir):
+    """A mA that writes no well-formed values yields few or no fake-key examples, no error."""
+    from calm.kv_reproduce import dc_data, load_bases
+    from calm.tasks.kv import KVTask
+
+    bases = load_bases(bases_dir)
+    task = KVTask(bases.scale)
+    dc_keys, _ = task.split_keys(0)
+    cfg = ReproduceConfig(dc_size=40, fake_keys=0.25, replay=0.25)
+    data = dc_data(task, dc_keys, "subs_math", cfg, bases.models["mA"], bases.tokenizer)
+    assert 30 <= len(data) <= 40
+    with pytest.raises(ValueError, match="needs mA"):
+        dc_data(task, dc_keys, "subs_math", cfg)
+
+
+@pytest.mark.slow
+def test_cli_fake_keys_flag(bases_dir, tmp_path, capsys):
+    from calm.cli import main
+
+    common = ["reproduce", "kv", "--bases", str(bases_dir), "--quick", "--threads", "1"]
+    small = ["--steps", "2", "--dc-size", "40", "--eval-size", "4", "--out", str(tmp_path)]
+    assert main([*common, *small, "--fake-keys", "0.1"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["fake_keys"] == 0.1
+    counts = results["dc_examples"]["subs_math"]
+    assert counts["keys"] + counts["replay"] + counts["fake"] <= results["config"]["dc_size"]
+    assert counts["fake"] <= 4 and counts["replay"] == 10 and counts["keys"] == 26
+    assert main([*common, *small, "--fake-keys", "0.9"]) == 2
+    assert "fake_keys" in capsys.readouterr().err

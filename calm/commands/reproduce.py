@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dropout", type=float, default=None, help="Attention dropout in the blocks (and LoRA)."
     )
+    parser.add_argument(
+        "--fake-keys",
+        type=float,
+        default=None,
+        help="Share of D_C over non-keys labelled by mA (default 0.25; 0 for key examples only).",
+    )
+    parser.add_argument("--dc-size", type=int, default=None, help="D_C examples (default 8000).")
     parser.add_argument("--eval-size", type=int, default=None, help="Evaluation expressions.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
 
@@ -63,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, learning_rate=args.lr)
     if args.dropout is not None:
         cfg = replace(cfg, dropout=args.dropout)
+    if args.fake_keys is not None:
+        cfg = replace(cfg, fake_keys=args.fake_keys)
+    if args.dc_size is not None:
+        cfg = replace(cfg, dc_size=args.dc_size)
     if args.eval_size is not None:
         cfg = replace(cfg, eval_size=args.eval_size)
     if args.from_scratch:

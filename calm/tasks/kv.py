@@ -20,6 +20,7 @@ result is non-negative (no sign to predict). Multiplication is not used at the d
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -169,32 +170,62 @@ class KVTask:
     def key_string(self, e: Expression) -> str:
         return self._join(list(e.keys), e.ops)
 
-    def value_string(self, e: Expression) -> str:
-        w = self.scale.value_width
-        return self._join([str(self.kv[k]).zfill(w)[::-1] for k in e.keys], e.ops)
+    def _values(self, e: Expression, values: Sequence[int] | None) -> list[int]:
+        return [self.kv[k] for k in e.keys] if values is None else list(values)
 
-    def scratchpad(self, e: Expression) -> str:
+    def value_string(self, e: Expression, values: Sequence[int] | None = None) -> str:
+        """The substituted expression; `values` (one per operand) replace the map's values."""
+        w = self.scale.value_width
+        return self._join([str(v).zfill(w)[::-1] for v in self._values(e, values)], e.ops)
+
+    def scratchpad(self, e: Expression, values: Sequence[int] | None = None) -> str:
         w = self.scale.result_width
-        running = self.evaluate([self.kv[k] for k in e.keys], e.ops)
+        running = self.evaluate(self._values(e, values), e.ops)
         return "|".join(str(r).zfill(w)[::-1] for r in running)
 
-    def result(self, e: Expression) -> int:
-        return self.evaluate([self.kv[k] for k in e.keys], e.ops)[-1]
+    def result(self, e: Expression, values: Sequence[int] | None = None) -> int:
+        return self.evaluate(self._values(e, values), e.ops)[-1]
 
     # --- data sets -----------------------------------------------------------------------------
+    # Each takes optional `values` (one per operand) used instead of the map's: the labels of
+    # expressions over strings that are not keys (see `fake_expressions`).
 
-    def kv_subs(self, e: Expression) -> Example:
-        return Example(self.key_string(e) + "=", self.value_string(e))
+    def kv_subs(self, e: Expression, values: Sequence[int] | None = None) -> Example:
+        return Example(self.key_string(e) + "=", self.value_string(e, values))
 
-    def num_math(self, e: Expression) -> Example:
-        return Example(self.value_string(e) + "=", self.scratchpad(e), self.result(e))
+    def num_math(self, e: Expression, values: Sequence[int] | None = None) -> Example:
+        return Example(
+            self.value_string(e, values) + "=",
+            self.scratchpad(e, values),
+            self.result(e, values),
+        )
 
-    def kv_math(self, e: Expression) -> Example:
-        return Example(self.key_string(e) + "=", self.scratchpad(e), self.result(e))
+    def kv_math(self, e: Expression, values: Sequence[int] | None = None) -> Example:
+        return Example(self.key_string(e) + "=", self.scratchpad(e, values), self.result(e, values))
 
-    def subs_math(self, e: Expression) -> Example:
-        completion = self.value_string(e) + "=" + self.scratchpad(e)
-        return Example(self.key_string(e) + "=", completion, self.result(e))
+    def subs_math(self, e: Expression, values: Sequence[int] | None = None) -> Example:
+        completion = self.value_string(e, values) + "=" + self.scratchpad(e, values)
+        return Example(self.key_string(e) + "=", completion, self.result(e, values))
+
+    def fake_expressions(self, n: int, seed: int | str) -> list[Expression]:
+        """`n` expressions over random letter strings of key lengths that are not keys of the map
+        (so they hold no key, held-out or not), with the task's operand counts and operators."""
+        rng = random.Random(seed)
+        s = self.scale
+
+        def operand() -> str:
+            while True:
+                n = rng.randint(s.min_key_len, s.max_key_len)
+                word = "".join(rng.choice(LETTERS) for _ in range(n))
+                if word not in self.kv:
+                    return word
+
+        out = []
+        for _ in range(n):
+            k = rng.randint(s.min_operands, s.max_operands)
+            ops = tuple(rng.choice(s.operators) for _ in range(k - 1))
+            out.append(Expression(tuple(operand() for _ in range(k)), ops))
+        return out
 
     def composition_data(self, variant: str, n: int, keys: list[str], seed: int) -> list[Example]:
         """D_C: `n` examples over `keys` in one of the three variants (see `VARIANTS`)."""

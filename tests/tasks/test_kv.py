@@ -91,3 +91,28 @@ def test_bad_scale_raises():
         KVScale(num_keys=2)
     with pytest.raises(ValueError, match="variant"):
         KVTask(KVScale(num_keys=20)).composition_data("bogus", 1, ["ab"], seed=0)
+
+
+def test_fake_expressions_hold_no_key(task):
+    s = task.scale
+    exprs = task.fake_expressions(500, seed=0)
+    assert exprs == task.fake_expressions(500, seed=0)
+    assert exprs != task.fake_expressions(500, seed=1)
+    for e in exprs:
+        assert not set(e.keys) & set(task.kv)
+        assert all(re.fullmatch(f"[a-z]{{{s.min_key_len},{s.max_key_len}}}", k) for k in e.keys)
+        assert s.min_operands <= len(e.keys) <= s.max_operands
+        assert len(e.ops) == len(e.keys) - 1 and set(e.ops) <= set(s.operators)
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "num_math"])
+def test_explicit_values_format_like_the_map(task, variant):
+    make = getattr(task, variant)
+    for e in task.sample_expressions(50, task.keys, seed=4):
+        assert make(e, [task.kv[k] for k in e.keys]) == make(e)
+    e = task.fake_expressions(1, seed=2)[0]
+    values = [7, 130, 45][: len(e.keys)]
+    ex = task.subs_math(e, values)
+    assert ex.prompt == task.key_string(e) + "="
+    assert parse_subs(ex.completion) == task.value_string(e, values)
+    assert parse_result(ex.completion) == ex.answer == task.evaluate(values, e.ops)[-1]
