@@ -13,7 +13,6 @@ import json
 import math
 import random
 import re
-import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -71,7 +70,6 @@ class ReproduceConfig:
     batch_size: int = 64
     learning_rate: float = 6e-3
     dropout: float = 0.1  # attention dropout in the blocks (and LoRA's); see docs/kv.md
-    key_noise: float = 0.0  # share of D_C examples whose keys the anchor reads scrambled
     fake_keys: float = 0.25  # share of D_C over non-keys labelled by mA; see docs/kv.md
     warmup_steps: int = 30
     every: int = 1
@@ -85,8 +83,6 @@ class ReproduceConfig:
             raise ValueError(f"Unknown D_C variant {self.variant!r}; choose one of {VARIANTS}.")
         if min(self.dc_size, self.steps, self.batch_size, self.eval_size) < 1:
             raise ValueError("dc_size, steps, batch_size and eval_size must be positive.")
-        if not 0.0 <= self.key_noise <= 1.0:
-            raise ValueError(f"key_noise must be in [0, 1], got {self.key_noise}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.learning_rate <= 0:
@@ -248,29 +244,6 @@ def dc_data(
     return data
 
 
-def scramble_keys(
-    ids: torch.Tensor,
-    labels: torch.Tensor,
-    key_ids: torch.Tensor,
-    p: float,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """A copy of (B, T) `ids` where, in each row with probability `p`, every prompt token (label
-    -100) that is one of `key_ids` is replaced by a uniformly drawn token of `key_ids`."""
-    rows = torch.rand(ids.shape[0], 1, generator=generator) < p
-    hit = rows & (labels == -100) & torch.isin(ids, key_ids)
-    draws = key_ids[torch.randint(len(key_ids), ids.shape, generator=generator)]
-    return torch.where(hit, draws, ids)
-
-
-def key_token_ids(tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
-    """The ids of the letters keys are spelled with (one token per letter)."""
-    ids = tokenizer.convert_tokens_to_ids(list(string.ascii_lowercase))
-    if tokenizer.unk_token_id in ids:
-        raise ValueError("The key-value tokenizer must have one token per lowercase letter.")
-    return torch.tensor(ids)
-
-
 def _lr(step: int, cfg: ReproduceConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
@@ -287,15 +260,10 @@ def train_on(
     desc: str,
     encoder: bool = False,
     on_step: Callable[[int, list[float]], None] | None = None,
-    key_ids: torch.Tensor | None = None,
 ) -> list[float]:
     """Train `parameters` of `model` (a CALM or a LoRA-wrapped mB) on `data`; returns losses.
 
     For a causal CALM the frozen augmenting states of the whole of `data` are computed once.
-    `key_ids` (a CALM only): the token ids keys are spelled with. With `cfg.key_noise` = p, each
-    example's key tokens are, with probability p, replaced in the anchor's copy of the input by
-    random tokens from `key_ids` (the augmenting model still reads the true keys), so the value
-    of a key can only come from the augmenting model: the blocks cannot store the D_C keys.
     `on_step(step, losses)`, if given, runs after each optimizer step (it may evaluate the
     model; training mode is restored after it).
     """
@@ -332,10 +300,9 @@ def train_on(
             kwargs["aug_states"] = {k: v[idx] for k, v in states.items()}
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg)
-        ids = input_ids[idx]
-        if key_ids is not None and cfg.key_noise > 0:
-            ids = scramble_keys(ids, labels[idx], key_ids, cfg.key_noise, generator)
-        loss = model(input_ids=ids, attention_mask=mask[idx], labels=labels[idx], **kwargs).loss
+        loss = model(
+            input_ids=input_ids[idx], attention_mask=mask[idx], labels=labels[idx], **kwargs
+        ).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -459,7 +426,6 @@ def run_reproduction(cfg: ReproduceConfig, bases: Bases | None = None, log=print
             cfg,
             desc=f"compose ({variant}, {mode})",
             encoder=mode == "encoder",
-            key_ids=key_token_ids(tok),
         )
         result = evaluate(model, tok, sets, encoder=mode == "encoder")
         n = model.num_trainable_parameters()

@@ -33,7 +33,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--lr", type=float, default=6e-3)
     parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--key-noise", type=float, default=0.0)
     parser.add_argument("--fake-keys", type=float, default=kr.ReproduceConfig.fake_keys)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=100)
@@ -53,7 +52,6 @@ def main() -> None:
         seed=args.seed,
         learning_rate=args.lr,
         steps=args.steps,
-        key_noise=args.key_noise,
         fake_keys=args.fake_keys,
     )
     data = kr.dc_data(task, dc_keys, "subs_math", cfg, mA, tok)
@@ -89,7 +87,6 @@ def main() -> None:
         cfg,
         "compose",
         on_step=report,
-        key_ids=kr.key_token_ids(tok),
     )
 
 

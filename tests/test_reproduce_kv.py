@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from calm.kv_reproduce import ReproduceConfig, run_reproduction
 from calm.pretrain import ModelShape, PretrainConfig, pretrain
@@ -73,7 +72,6 @@ def test_unknown_variant_raises():
         ("dropout", 1.0, "dropout"),
         ("dropout", -0.1, "dropout"),
         ("learning_rate", 0.0, "rate"),
-        ("key_noise", 1.5, "key_noise"),
     ],
 )
 def test_bad_training_settings_raise(field, value, message):
@@ -106,67 +104,6 @@ def test_memorization_script_reports_both_key_sets(wiring):
         check=True,
     ).stdout
     assert "step 2 " in out and "held-out KV-SUBS" in out and "D_C-key KV-SUBS" in out
-
-
-def _kv_tokenizer():
-    from transformers import AutoTokenizer
-
-    from calm.kv_reproduce import ASSETS
-
-    return AutoTokenizer.from_pretrained(ASSETS / "mA")
-
-
-def test_scramble_keys_touches_only_prompt_letters():
-    from calm.kv_reproduce import key_token_ids, scramble_keys
-    from calm.pretrain import encode_examples
-    from calm.tasks.kv import Example
-
-    tok = _kv_tokenizer()
-    letters = key_token_ids(tok)
-    assert tok.convert_ids_to_tokens(letters.tolist()) == list("abcdefghijklmnopqrstuvwxyz")
-    examples = [Example("abc+xyzw-qq=", "123+456-789=0|9", 9)] * 64
-    ids, _, labels = encode_examples(tok, examples)
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(scramble_keys(ids, labels, letters, 0.0, g), ids)
-
-    out = scramble_keys(ids, labels, letters, 1.0, g)
-    key_pos = (labels == -100) & torch.isin(ids, letters)
-    assert torch.equal(out[~key_pos], ids[~key_pos])  # operators, '=', completion, padding kept
-    assert torch.isin(out[key_pos], letters).all()
-    assert (out[key_pos] != ids[key_pos]).float().mean() > 0.8  # 25 of 26 draws differ
-
-    half = scramble_keys(ids, labels, letters, 0.5, g)
-    changed = (half != ids).any(1).float().mean()
-    assert 0.2 < changed < 0.8
-
-
-def test_key_noise_reaches_only_the_anchor():
-    """With key_noise=1 the anchor reads scrambled keys and the augmenting model the true ones."""
-    from calm import CALM, CALMConfig
-    from calm.kv_reproduce import key_token_ids, train_on
-    from calm.pretrain import build_model
-    from calm.tasks.kv import Example
-
-    tok = _kv_tokenizer()
-    shape = ModelShape(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    anchor, aug = build_model(tok, shape, seed=0), build_model(tok, shape, seed=1)
-    seen = {"anchor": [], "aug": []}
-    for name, m in (("anchor", anchor), ("aug", aug)):
-        m.get_input_embeddings().register_forward_pre_hook(
-            lambda mod, args, name=name: seen[name].append(args[0].clone())
-        )
-    data = [Example("abcd+efg-hij=", "1+2-3=0|0", 0)] * 8
-    cfg = ReproduceConfig(steps=2, batch_size=8, key_noise=1.0, dropout=0.0)
-    model = CALM(anchor, aug, CALMConfig(every=1))
-    train_on(model, model.trainable_parameters(), tok, data, cfg, "t", key_ids=key_token_ids(tok))
-    prompt = tok("abcd+efg-hij=")["input_ids"]
-    true_prompt = torch.tensor(prompt)
-    assert all(
-        torch.equal(x[:, : len(prompt)], true_prompt.expand_as(x[:, : len(prompt)]))
-        for x in seen["aug"]
-    )
-    assert len(seen["anchor"]) == 2
-    assert all((x[:, : len(prompt)] != true_prompt).any() for x in seen["anchor"])
 
 
 @pytest.mark.parametrize(("field", "value"), [("fake_keys", -0.1), ("fake_keys", 0.75)])
