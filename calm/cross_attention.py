@@ -23,14 +23,43 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding: (B, H, L, Dh) rotated by (B, L) integer positions."""
-    half = x.shape[-1] // 2
-    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, dtype: torch.dtype, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding cos and sin of (B, L) integer positions, each (B, 1, L, Dh // 2): built
+    once per call and shared by every block."""
+    half = head_dim // 2
+    freqs = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions[:, None, :, None].to(torch.float32) * freqs  # (B, 1, L, half)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(B, H, L, Dh) rotated by the `rope_tables` of its L positions."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    B, L, D = x.shape
+    return x.view(B, L, num_heads, D // num_heads).transpose(1, 2)  # (B, H, L, Dh)
+
+
+def _attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """(B, H, T, Dh) queries -> (B, T, D) attention outputs (before the output projection)."""
+    B, H, T, Dh = q.shape
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and T > 1
+    )  # (B, H, T, Dh)
+    return out.transpose(1, 2).reshape(B, T, H * Dh)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -63,6 +92,7 @@ class CrossAttentionBlock(nn.Module):
                 f"of {anchor_dim} in CALMConfig(num_heads=...)."
             )
         self.num_heads = num_heads
+        self.head_dim = anchor_dim // num_heads
         self.dropout = dropout
         self.rope = rope
         self.aug_norm = RMSNorm(aug_dim) if norm else nn.Identity()
@@ -75,21 +105,18 @@ class CrossAttentionBlock(nn.Module):
         if init == "zero":
             nn.init.zeros_(self.o.weight)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, D = x.shape
-        return x.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, L, Dh)
-
     def keys_values(
-        self, aug_states: torch.Tensor, positions: torch.Tensor | None = None
+        self, aug_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S, A) augmenting layer outputs -> keys and values, each (B, H, S, Dh).
 
-        positions: (B, S) stream positions, used (and required) when the block has rope."""
+        rope: the `rope_tables` of the S stream positions, used (and required) when the block
+        has rope."""
         x = self.proj(self.aug_norm(aug_states))  # (B, S, D)
-        keys = self._heads(self.k(x))
+        keys = _heads(self.k(x), self.num_heads)
         if self.rope:
-            keys = rotate(keys, positions)
-        return keys, self._heads(self.v(x))
+            keys = rotate(keys, rope)
+        return keys, _heads(self.v(x), self.num_heads)
 
     def forward(
         self,
@@ -98,7 +125,7 @@ class CrossAttentionBlock(nn.Module):
         values: torch.Tensor,
         mask: torch.Tensor | None,
         query_valid: torch.Tensor | None,
-        positions: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(B, T, D) anchor states -> (B, T, D) residual.
 
@@ -107,20 +134,82 @@ class CrossAttentionBlock(nn.Module):
             T == S or T == 1: then query t sees keys s <= t (plain causal attention, no mask built).
         query_valid: (B, T, 1), 0 for rows that must get no residual (nothing to attend, padding);
             None when every row gets its residual.
+        rope: the `rope_tables` of the queries' T stream positions (for rope).
         """
-        B, T, D = anchor_states.shape
-        q = self._heads(self.q(self.query_norm(anchor_states)))  # (B, H, T, Dh)
+        q = _heads(self.q(self.query_norm(anchor_states)), self.num_heads)  # (B, H, T, Dh)
         if self.rope:
-            q = rotate(q, positions)  # positions: (B, T) stream positions of the queries
-        out = F.scaled_dot_product_attention(
-            q,
-            keys,
-            values,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1,
-        )  # (B, H, T, Dh)
-        out = self.o(out.transpose(1, 2).reshape(B, T, D))
+            q = rotate(q, rope)
+        out = self.o(_attend(q, keys, values, mask, self.dropout if self.training else 0.0))
+        return out if query_valid is None else out * query_valid
+
+    def folded(self) -> FoldedBlock:
+        """This block's inference form, from its parameters as they are now (see FoldedBlock)."""
+        return FoldedBlock(self)
+
+
+class FoldedBlock:
+    """A block's inference form: the norms' scales folded into the matrices after them, k and v
+    in one matrix; no dropout. Fewer small ops per call, which is what a decoding step pays for.
+    Build one per use: it copies the parameters' values, and training changes them.
+
+    Equal to the block up to float rounding: with n(x) = x / rms(x), the block's projection is
+    W_p (g * n(x)) + b_p = (W_p diag(g)) n(x) + b_p, and its queries W_q (g' * n(y)) =
+    (W_q diag(g')) n(y). f_proj is not folded into k and v: the (2D, D) x (D, A) product would
+    cost more per call than it saves per token unless a call decodes many tokens
+    (docs/benchmarks.md, "Folded blocks for decoding").
+    """
+
+    def __init__(self, block: CrossAttentionBlock) -> None:
+        self.num_heads, self.head_dim, self.rope = block.num_heads, block.head_dim, block.rope
+        dtype = block.q.weight.dtype
+        wide = torch.promote_types(dtype, torch.float32)  # each scale is rounded once
+        with torch.no_grad():
+            proj, q = block.proj.weight.to(wide), block.q.weight.to(wide)  # (D, A), (D, D)
+            self.aug_eps = self.query_eps = None
+            if isinstance(block.aug_norm, RMSNorm):
+                proj = proj * block.aug_norm.weight.to(wide)  # W_p diag(g): scales columns
+                self.aug_eps = block.aug_norm.eps
+            if isinstance(block.query_norm, RMSNorm):
+                q = q * block.query_norm.weight.to(wide)
+                self.query_eps = block.query_norm.eps
+            self.proj_weight = proj.to(dtype, copy=True)
+            self.proj_bias = block.proj.bias.clone()
+            self.kv_weight = torch.cat([block.k.weight, block.v.weight])  # (2D, D)
+            self.q_weight = q.to(dtype, copy=True)
+            self.o_weight = block.o.weight.clone()
+
+    def keys_values(
+        self, aug_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `CrossAttentionBlock.keys_values`."""
+        x = aug_states
+        if self.aug_eps is not None:
+            x = F.rms_norm(x, x.shape[-1:], eps=self.aug_eps)
+        B, S, _ = x.shape
+        x = F.linear(x, self.proj_weight, self.proj_bias)  # (B, S, D)
+        kv = F.linear(x, self.kv_weight).view(B, S, 2, self.num_heads, self.head_dim)
+        keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, Dh) each
+        if self.rope:
+            keys = rotate(keys, rope)
+        return keys, values
+
+    def __call__(
+        self,
+        anchor_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        query_valid: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """As `CrossAttentionBlock.forward`."""
+        x = anchor_states
+        if self.query_eps is not None:
+            x = F.rms_norm(x, x.shape[-1:], eps=self.query_eps)
+        q = _heads(F.linear(x, self.q_weight), self.num_heads)  # (B, H, T, Dh)
+        if self.rope:
+            q = rotate(q, rope)
+        out = F.linear(_attend(q, keys, values, mask), self.o_weight)
         return out if query_valid is None else out * query_valid
 
 

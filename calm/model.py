@@ -22,13 +22,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from calm import hf
 from calm.config import CALMConfig, Connection
-from calm.cross_attention import CrossAttentionBlock
+from calm.cross_attention import CrossAttentionBlock, FoldedBlock, rope_tables
 from calm.cross_attention import attention_mask as build_mask
 from calm.generation import check_sampling, next_token
 from calm.layer_map import default_connections
 from calm.tokenizers import TextStream, TokenizerPair
 
 AugStates = dict[tuple[int, int], torch.Tensor]  # (augment, aug_layer) -> (B, S, A)
+Blocks = Sequence[CrossAttentionBlock | FoldedBlock]  # one per connection
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # calm.cross_attention.rope_tables, or None
 
 
 class _StopForward(Exception):
@@ -444,39 +446,58 @@ class CALM(nn.Module):
             )
         return visible
 
-    def _extend_kv(self, kv, states: AugStates) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """kv of every connection with the keys/values of `states` appended; connections whose
-        augmenting layer is not in `states` keep theirs."""
+    def _extend_kv(
+        self, kv, states: AugStates, blocks: Blocks, rope: Rope = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """kv of every connection with the keys/values of `states` appended (all of them when
+        kv is None); connections whose augmenting layer is not in `states` keep theirs."""
+        if kv is None:
+            return self._keys_values(states, blocks, rope)
         device = hf.model_device(self.anchor)
         dtype = getattr(torch, self.calm_config.dtype)
         out = []
-        for j, (c, block) in enumerate(zip(self.connections, self.blocks)):
+        for j, (c, block) in enumerate(zip(self.connections, blocks)):
             x = states.get((c.augment, c.aug_layer))
             if x is None:
                 out.append(kv[j])
                 continue
-            k, v = block.keys_values(x.to(device=device, dtype=dtype))
+            k, v = block.keys_values(x.to(device=device, dtype=dtype), rope)
             out.append((torch.cat([kv[j][0], k], 2), torch.cat([kv[j][1], v], 2)))
         return out
 
     def _keys_values(
-        self, states: AugStates, positions: torch.Tensor | None = None
+        self, states: AugStates, blocks: Blocks, rope: Rope = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         device = hf.model_device(self.anchor)
         dtype = getattr(torch, self.calm_config.dtype)
         return [
-            block.keys_values(
-                states[(c.augment, c.aug_layer)].to(device=device, dtype=dtype), positions
-            )
-            for c, block in zip(self.connections, self.blocks)
+            block.keys_values(states[(c.augment, c.aug_layer)].to(device=device, dtype=dtype), rope)
+            for c, block in zip(self.connections, blocks)
         ]
 
+    def _rope(self, attention_mask: torch.Tensor, past_length: int = 0) -> Rope:
+        """The rotary tables of this call's stream positions, shared by every block; None
+        without rope."""
+        if not self.calm_config.rope:
+            return None
+        positions = hf.position_ids(attention_mask, past_length)  # (B, T)
+        dtype = getattr(torch, self.calm_config.dtype)
+        return rope_tables(positions, self.blocks[0].head_dim, dtype)
+
+    def _decoding_blocks(self) -> Blocks:
+        """The blocks' folded inference forms, built now from the current parameters; the blocks
+        themselves while dropout acts (training mode), which the folded forms leave out."""
+        if self.blocks.training and self.calm_config.dropout > 0:
+            return self.blocks
+        return [block.folded() for block in self.blocks]
+
     @contextlib.contextmanager
-    def _composed(self, kv, masks, positions: torch.Tensor | None = None) -> Iterator[None]:
+    def _composed(self, kv, masks, blocks: Blocks, rope: Rope = None) -> Iterator[None]:
         """Hooks that add each block's residual to its anchor layer's output, for one call.
 
         kv[j]: keys and values of connection j; masks[i]: (mask, rows) for augmenting model i;
-        positions: (B, T) stream positions of this call's anchor tokens (for rope).
+        blocks[j]: connection j's block (or its folded form); rope: the tables of this call's
+        anchor positions.
         """
         by_layer: dict[int, list[int]] = {}
         for j, c in enumerate(self.connections):
@@ -484,13 +505,15 @@ class CALM(nn.Module):
         dtype = getattr(torch, self.calm_config.dtype)
 
         def add_residual(block_ids: list[int]):
+            calls = [(blocks[j], kv[j], masks[self.connections[j].augment]) for j in block_ids]
+
             def hook(module, args, output):
                 h = _hidden(output)  # (B, T, D)
                 x = h.to(dtype)
-                delta = sum(
-                    self.blocks[j](x, *kv[j], *masks[self.connections[j].augment], positions)
-                    for j in block_ids
-                )
+                delta = None
+                for block, (k, v), (mask, rows) in calls:
+                    out = block(x, k, v, mask, rows, rope)
+                    delta = out if delta is None else delta + out
                 return _replace_hidden(output, h + delta.to(h.dtype))
 
             return hook
@@ -557,8 +580,9 @@ class CALM(nn.Module):
                     aug_states.update(self._run_augment(i, ids, mask))
             visible = self._check_visible(aug_visible, input_ids)
             masks = self._masks([m for _, m in inputs], attention_mask, 0, visible)
-            positions = hf.position_ids(attention_mask) if self.calm_config.rope else None
-            with self._composed(self._keys_values(aug_states, positions), masks, positions):
+            rope = self._rope(attention_mask)
+            kv = self._keys_values(aug_states, self.blocks, rope)
+            with self._composed(kv, masks, self.blocks, rope):
                 logits = self._anchor_call(input_ids, attention_mask)
         loss = None
         if labels is not None:
@@ -571,7 +595,7 @@ class CALM(nn.Module):
 
     # ----------------------------------------------------------------------------- generate
 
-    def _start_aligned(self, input_ids, attention_mask, aug_inputs, visible, texts, caches):
+    def _start_aligned(self, input_ids, attention_mask, aug_inputs, visible, texts, caches, blocks):
         """Prompt step of generation with a TokenizerPair: each augmenting model reads the prompt
         tokens stable at the last anchor token; the unstable tail is masked out of its cache."""
         if texts is None:
@@ -593,9 +617,9 @@ class CALM(nn.Module):
             committed = (m.bool() & (m.long().cumsum(-1) <= last)).long()  # (B, S_i)
             key_masks.append(committed)
             states.update(self._run_augment(i, ids, committed, caches[i]))
-        return self.tokenizers.stream(batch), key_masks, self._keys_values(states)
+        return self.tokenizers.stream(batch), key_masks, self._keys_values(states, blocks)
 
-    def _feed_aligned(self, stream: TextStream, tokens, active, key_masks, kv, caches):
+    def _feed_aligned(self, stream: TextStream, tokens, active, key_masks, kv, caches, blocks):
         """Append one anchor token per active row to the texts; feed each augmenting model the
         tokens that became stable (right-padded within the step) and extend the blocks' kv."""
         new = stream.append(tokens.tolist(), active.tolist())
@@ -612,7 +636,7 @@ class CALM(nn.Module):
             full = torch.cat([key_masks[i], chunk_mask.to(key_masks[i].device)], 1)
             states.update(self._run_augment(i, chunk, full, caches[i], key_masks[i].shape[1]))
             key_masks[i] = full
-        return key_masks, (self._extend_kv(kv, states) if states else kv)
+        return key_masks, (self._extend_kv(kv, states, blocks) if states else kv)
 
     @torch.no_grad()
     def generate(
@@ -637,7 +661,8 @@ class CALM(nn.Module):
 
         The anchor and every augmenting model keep their own KV cache, and each block keeps the
         keys/values of the augmenting states seen so far; each step feeds the new token to every
-        model once. Finished rows are filled with `pad_token_id`. Left-padded batches work.
+        model once. The blocks run in their folded inference form (`FoldedBlock`, equal up to
+        rounding), built at the start of each call. Finished rows are filled with `pad_token_id`. Left-padded batches work.
         `streamer` (optional) gets `put(tokens)` after each step and `end()` at the end.
 
         With a TokenizerPair, pass its batch (`**pair(texts)`): as the anchor writes, the texts
@@ -672,6 +697,7 @@ class CALM(nn.Module):
 
         composed = not self._disabled
         causal = self.calm_config.mode == "causal"
+        blocks = self._decoding_blocks() if composed else None
         anchor_cache = hf.new_cache(self.anchor)
         aug_caches = [hf.new_cache(a) for a in self.augments] if causal else None
         kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -681,7 +707,7 @@ class CALM(nn.Module):
             states: AugStates = {}
             for i, (ids, mask) in enumerate(inputs):
                 states.update(self._run_augment(i, ids, mask))
-            kv = self._keys_values(states)
+            kv = self._keys_values(states, blocks)
             key_masks = [m for _, m in inputs]
         if aug_visible is not None and self.tokenizers is None:
             raise ValueError(
@@ -693,7 +719,7 @@ class CALM(nn.Module):
         if aligned:
             inputs = self._aug_inputs(input_ids, attention_mask, aug_input_ids, aug_attention_mask)
             stream, key_masks, kv = self._start_aligned(
-                input_ids, attention_mask, inputs, visible, texts, aug_caches
+                input_ids, attention_mask, inputs, visible, texts, aug_caches, blocks
             )
 
         out = input_ids
@@ -702,28 +728,21 @@ class CALM(nn.Module):
         past = 0
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            positions = hf.position_ids(mask, past) if self.calm_config.rope else None
             if composed:
+                rope = self._rope(mask, past)
                 if aligned and past:
                     key_masks, kv = self._feed_aligned(
-                        stream, step_ids[:, 0], ~finished, key_masks, kv, aug_caches
+                        stream, step_ids[:, 0], ~finished, key_masks, kv, aug_caches, blocks
                     )
                     visible = [m.sum(-1, keepdim=True) for m in key_masks]  # (B, 1) each
                 elif causal and not aligned:
                     states = {}
                     for i in range(len(self.augments)):
                         states.update(self._run_augment(i, step_ids, mask, aug_caches[i], past))
-                    new_kv = self._keys_values(states, positions)
-                    kv = (
-                        new_kv
-                        if kv is None
-                        else [
-                            (torch.cat([k, nk], 2), torch.cat([v, nv], 2))
-                            for (k, v), (nk, nv) in zip(kv, new_kv)
-                        ]
-                    )
+                    kv = self._extend_kv(kv, states, blocks, rope)
                     key_masks = [mask] * len(self.augments)
-                with self._composed(kv, self._masks(key_masks, mask, past, visible), positions):
+                masks = self._masks(key_masks, mask, past, visible)
+                with self._composed(kv, masks, blocks, rope):
                     logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)
             else:
                 logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)
