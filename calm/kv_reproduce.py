@@ -196,12 +196,12 @@ def self_labelled(
     """
     make = getattr(task, variant)
     width = task.scale.value_width
+    max_new = (width + 1) * task.scale.max_operands + 1  # one value and an operator per operand
     out: list[Example] = []
     for attempt in range(5):
         exprs = task.fake_expressions(max(64, 2 * (n - len(out))), f"fake-{seed}-{attempt}")
         prompts = [task.key_string(e) + "=" for e in exprs]
         before = len(out)
-        max_new = (width + 1) * task.scale.max_operands + 1
         for e, got in zip(exprs, complete(mA, tokenizer, prompts, max_new), strict=True):
             subs = parse_subs(got)
             chunks = subs.replace("-", "+").replace("*", "+").split("+")
