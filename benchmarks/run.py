@@ -47,17 +47,26 @@ class Setup:
     new_tokens: int
     reps: int
     checkpoint: str | None = None  # a calm.hub_offline model used as both anchor and augment
+    gen_reps: int | None = None  # generation reps against the bound (default 2 * reps // 3)
+
+    @property
+    def bound_reps(self) -> int:
+        return self.gen_reps if self.gen_reps is not None else max(2, 2 * self.reps // 3)
 
 
+# Generation reps: a small config's 64 tokens take ~0.3 s, and on a shared machine single reps
+# vary by +-30%, so it gets many; mid's 256 tokens take seconds per rep.
 FULL = (
-    Setup("small", 512, 64, 4, 48, 8, 4, 4, 64, 16, 64, 15),
-    Setup("mid", 2048, 256, 8, 192, 8, 8, 4, 128, 16, 256, 9),
+    Setup("small", 512, 64, 4, 48, 8, 4, 4, 64, 16, 64, 15, gen_reps=40),
+    Setup("mid", 2048, 256, 8, 192, 8, 8, 4, 128, 16, 256, 9, gen_reps=12),
 )
 NO_PEER = "calm-pytorch is not installed (pip install calm-pytorch)"
 QUICK = (Setup("small", 512, 64, 4, 48, 8, 4, 2, 32, 8, 8, 3),)
 # SmolLM2-135M (30 layers, width 576) composed with a second copy of itself: the one real model
 # here whose tokenizer another real model shares is itself. Run only when already converted.
-REAL = Setup("smollm2-135m-x2", 49152, 576, 30, 576, 30, 9, 1, 32, 16, 16, 3, "smollm2-135m")
+REAL = Setup(
+    "smollm2-135m-x2", 49152, 576, 30, 576, 30, 9, 1, 32, 16, 16, 5, "smollm2-135m", gen_reps=8
+)
 
 
 def models(s: Setup):
@@ -159,7 +168,8 @@ def section(s: Setup, with_peer: bool) -> dict:
         "speedup": measure.paired_ratio(t["without"], t["with"]),
     }
 
-    # 3. generation: both caches vs each model alone vs full recomputation
+    # 3. generation: both caches vs each model alone (many reps: this is the ratio with a goal),
+    # then vs full recomputation (fewer: the recomputation is slow and the speedup is large)
     prompt = random_ids(s, 1, s.prompt, seed=1)
     n = s.new_tokens
     results = {}
@@ -170,29 +180,40 @@ def section(s: Setup, with_peer: bool) -> dict:
 
         return call
 
+    calm_gen = run("calm", lambda: model.generate(prompt, max_new_tokens=n, eos_token_id=[]))
     t = measure.interleaved(
         {
             "anchor": run("anchor", lambda: reference.greedy_cached(anchor, prompt, n)),
             "aug": run("aug", lambda: reference.greedy_cached(aug, prompt, n)),
-            "calm": run("calm", lambda: model.generate(prompt, max_new_tokens=n, eos_token_id=[])),
+            "calm": calm_gen,
+        },
+        s.bound_reps,
+    )
+    r = measure.interleaved(
+        {
+            "calm": calm_gen,
             "recompute": run("recompute", lambda: reference.greedy_recompute(model, prompt, n)),
         },
-        max(2, 2 * s.reps // 3),
+        max(2, s.reps // 3),
     )
     tps = {k: n / measure.median(v) for k, v in t.items()}
     bound = 1 / (1 / tps["anchor"] + 1 / tps["aug"])
     out["generate"] = {
         "new_tokens": n,
+        "reps": s.bound_reps,
         "tps_anchor": tps["anchor"],
         "tps_aug": tps["aug"],
         "tps_bound": bound,
         "tps_calm": tps["calm"],
-        "tps_recompute": tps["recompute"],
+        "tps_recompute": n / measure.median(r["recompute"]),
         # per rep: (anchor alone + aug alone) / CALM, measured next to each other; then the median
         "ratio_to_bound": measure.paired_ratio(
             [a + b for a, b in zip(t["anchor"], t["aug"], strict=True)], t["calm"]
         ),
-        "speedup_vs_recompute": measure.paired_ratio(t["recompute"], t["calm"]),
+        # the same from each one's fastest rep: what is left when the machine's noise (which
+        # only ever slows a rep down) is least
+        "ratio_to_bound_of_minima": (min(t["anchor"]) + min(t["aug"])) / min(t["calm"]),
+        "speedup_vs_recompute": measure.paired_ratio(r["recompute"], r["calm"]),
         "cached_matches_recompute": torch.equal(results["calm"], results["recompute"]),
     }
     out["causal"] = {"calm_leaks": leaks(lambda x: model(x).logits.detach(), ids)}
@@ -291,14 +312,16 @@ def markdown(report: dict) -> str:
         f"load average at start {report['load_at_start']}, at end {report['load_at_end']}.",
         "",
         "| config | step / ref | step / ref (default cfg) | peak mem / ref | gen / bound | "
-        "gen speedup vs recompute | aug-cache speedup | cached == recompute | leaks |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "gen / bound (minima) | gen speedup vs recompute | aug-cache speedup | "
+        "cached == recompute | leaks |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in report["configs"].items():
         g = c["generate"]
         lines.append(
             f"| {name} | {c['train']['ratio']:.3f} | {c['train']['ratio_default_config']:.3f} | "
             f"{c['memory']['ratio']:.3f} | {g['ratio_to_bound']:.3f} | "
+            f"{g['ratio_to_bound_of_minima']:.3f} | "
             f"{g['speedup_vs_recompute']:.2f} ({g['new_tokens']} tokens) | "
             f"{c['aug_cache']['speedup']:.2f} | {g['cached_matches_recompute']} | "
             f"{c['causal']['calm_leaks']} |"

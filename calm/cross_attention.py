@@ -177,6 +177,15 @@ class FoldedBlock:
             self.kv_weight = torch.cat([block.k.weight, block.v.weight])  # (2D, D)
             self.q_weight = q.to(dtype, copy=True)
             self.o_weight = block.o.weight.clone()
+        # blocks with equal keys can share a FoldedGroup
+        self.shape_key = (
+            tuple(self.proj_weight.shape),
+            self.num_heads,
+            self.rope,
+            self.aug_eps,
+            dtype,
+            self.proj_weight.device,
+        )
 
     def keys_values(
         self, aug_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -211,6 +220,43 @@ class FoldedBlock:
             q = rotate(q, rope)
         out = F.linear(_attend(q, keys, values, mask), self.o_weight)
         return out if query_valid is None else out * query_valid
+
+
+class FoldedGroup:
+    """The key/value side of several folded blocks that read states of one shape, batched: one
+    stacked norm and two batched matmuls per call for the whole group, instead of those ops once
+    per block. Decoding computes every block's keys/values for each new augmenting token, and at
+    small widths those calls cost more in per-op overhead than in arithmetic.
+
+    The blocks must share widths, heads, rope and norm (`FoldedBlock.shape_key`); the states
+    given to `keys_values` must share a shape (e.g. layers of one augmenting model).
+    """
+
+    def __init__(self, blocks: list[FoldedBlock]) -> None:
+        if len({b.shape_key for b in blocks}) != 1:
+            raise ValueError("FoldedGroup needs blocks of one shape (FoldedBlock.shape_key).")
+        first = blocks[0]
+        self.num_heads, self.head_dim, self.rope = first.num_heads, first.head_dim, first.rope
+        self.aug_eps = first.aug_eps
+        self.proj_t = torch.stack([b.proj_weight.t() for b in blocks])  # (G, A, D)
+        self.proj_bias = torch.stack([b.proj_bias for b in blocks])[:, None]  # (G, 1, D)
+        self.kv_t = torch.stack([b.kv_weight.t() for b in blocks])  # (G, D, 2D)
+
+    def keys_values(
+        self, aug_states: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One (B, S, A) state per block -> each block's keys and values, (B, H, S, Dh) each;
+        as each `FoldedBlock.keys_values` up to float rounding."""
+        x = torch.stack(aug_states)  # (G, B, S, A)
+        G, B, S, A = x.shape
+        if self.aug_eps is not None:
+            x = F.rms_norm(x, (A,), eps=self.aug_eps)
+        x = torch.baddbmm(self.proj_bias, x.reshape(G, B * S, A), self.proj_t)  # (G, BS, D)
+        kv = torch.bmm(x, self.kv_t).view(G, B, S, 2, self.num_heads, self.head_dim)
+        keys, values = kv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (G, B, H, S, Dh) each
+        if self.rope:
+            keys = rotate(keys, rope)  # the (B, 1, S, Dh/2) tables broadcast over G
+        return list(zip(keys.unbind(0), values.unbind(0), strict=True))
 
 
 def attention_mask(

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from calm import hf
 from calm.config import CALMConfig, Connection
-from calm.cross_attention import CrossAttentionBlock, FoldedBlock, rope_tables
+from calm.cross_attention import CrossAttentionBlock, FoldedBlock, FoldedGroup, rope_tables
 from calm.cross_attention import attention_mask as build_mask
 from calm.generation import check_sampling, next_token
 from calm.layer_map import default_connections
@@ -31,6 +31,22 @@ from calm.tokenizers import TextStream, TokenizerPair
 AugStates = dict[tuple[int, int], torch.Tensor]  # (augment, aug_layer) -> (B, S, A)
 Blocks = Sequence[CrossAttentionBlock | FoldedBlock]  # one per connection
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # calm.cross_attention.rope_tables, or None
+
+
+class _FoldedBlocks(list):
+    """The blocks' folded forms (`FoldedBlock`), one per connection, and `groups`: (connection
+    indices, `FoldedGroup` or None) whose keys/values are computed together, for blocks of one
+    shape reading one augmenting model (so their states share a shape)."""
+
+    def __init__(self, blocks: Sequence[CrossAttentionBlock], augments: Sequence[int]) -> None:
+        super().__init__(block.folded() for block in blocks)
+        by_key: dict[tuple, list[int]] = {}
+        for j, (block, augment) in enumerate(zip(self, augments, strict=True)):
+            by_key.setdefault((augment, block.shape_key), []).append(j)
+        self.groups = [
+            (ids, FoldedGroup([self[j] for j in ids]) if len(ids) > 1 else None)
+            for ids in by_key.values()
+        ]
 
 
 class _StopForward(Exception):
@@ -45,10 +61,11 @@ def _replace_hidden(output, hidden: torch.Tensor):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def _mask_kwargs(attention_mask: torch.Tensor, past_length: int) -> dict:
-    """attention_mask and position_ids for a base model's forward; none when nothing is padded,
-    where the model derives the same positions itself and skips its per-call mask work."""
-    if bool(attention_mask.all()):
+def _mask_kwargs(attention_mask: torch.Tensor | None, past_length: int) -> dict:
+    """attention_mask and position_ids for a base model's forward; none when nothing is padded
+    (or the mask is None: known unpadded), where the model derives the same positions itself and
+    skips its per-call mask work."""
+    if attention_mask is None or bool(attention_mask.all()):
         return {}
     return {
         "attention_mask": attention_mask,
@@ -330,11 +347,12 @@ class CALM(nn.Module):
         self,
         index: int,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         cache=None,
         past_length: int = 0,
     ) -> AugStates:
-        """Run augmenting model `index` up to its deepest connected layer; no LM head, no grads."""
+        """Run augmenting model `index` up to its deepest connected layer; no LM head, no grads.
+        attention_mask None: nothing is padded."""
         aug = self.augments[index]
         device = hf.model_device(aug)
         layers = self._aug_layers[index]
@@ -352,7 +370,8 @@ class CALM(nn.Module):
             return hook
 
         handles = [layers[i].register_forward_hook(capture(i)) for i in needed]
-        attention_mask = attention_mask.to(device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
         kwargs = dict(
             input_ids=input_ids.to(device),
             **_mask_kwargs(attention_mask, past_length),
@@ -453,27 +472,46 @@ class CALM(nn.Module):
         kv is None); connections whose augmenting layer is not in `states` keep theirs."""
         if kv is None:
             return self._keys_values(states, blocks, rope)
-        device = hf.model_device(self.anchor)
-        dtype = getattr(torch, self.calm_config.dtype)
-        out = []
-        for j, (c, block) in enumerate(zip(self.connections, blocks)):
-            x = states.get((c.augment, c.aug_layer))
-            if x is None:
-                out.append(kv[j])
-                continue
-            k, v = block.keys_values(x.to(device=device, dtype=dtype), rope)
-            out.append((torch.cat([kv[j][0], k], 2), torch.cat([kv[j][1], v], 2)))
-        return out
+        new = self._new_keys_values(states, blocks, rope)
+        return [
+            (torch.cat([old[0], new[j][0]], 2), torch.cat([old[1], new[j][1]], 2))
+            if j in new
+            else old
+            for j, old in enumerate(kv)
+        ]
 
     def _keys_values(
         self, states: AugStates, blocks: Blocks, rope: Rope = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        new = self._new_keys_values(states, blocks, rope)
+        return [new[j] for j in range(len(self.connections))]
+
+    def _new_keys_values(
+        self, states: AugStates, blocks: Blocks, rope: Rope = None
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """{connection: (keys, values)} of the connections whose augmenting layer is in
+        `states`; the groups of `_FoldedBlocks` computed together."""
         device = hf.model_device(self.anchor)
         dtype = getattr(torch, self.calm_config.dtype)
-        return [
-            block.keys_values(states[(c.augment, c.aug_layer)].to(device=device, dtype=dtype), rope)
-            for c, block in zip(self.connections, blocks)
-        ]
+
+        def state(j: int) -> torch.Tensor | None:
+            c = self.connections[j]
+            x = states.get((c.augment, c.aug_layer))
+            if x is None or (x.dtype == dtype and x.device == device):
+                return x
+            return x.to(device=device, dtype=dtype)
+
+        groups = getattr(blocks, "groups", None) or [([j], None) for j in range(len(blocks))]
+        out = {}
+        for ids, group in groups:
+            xs = [state(j) for j in ids]
+            if group is not None and all(x is not None for x in xs):
+                out.update(zip(ids, group.keys_values(xs, rope), strict=True))
+                continue
+            for j, x in zip(ids, xs, strict=True):
+                if x is not None:
+                    out[j] = blocks[j].keys_values(x, rope)
+        return out
 
     def _rope(self, attention_mask: torch.Tensor, past_length: int = 0) -> Rope:
         """The rotary tables of this call's stream positions, shared by every block; None
@@ -489,7 +527,7 @@ class CALM(nn.Module):
         themselves while dropout acts (training mode), which the folded forms leave out."""
         if self.blocks.training and self.calm_config.dropout > 0:
             return self.blocks
-        return [block.folded() for block in self.blocks]
+        return _FoldedBlocks(self.blocks, [c.augment for c in self.connections])
 
     @contextlib.contextmanager
     def _composed(self, kv, masks, blocks: Blocks, rope: Rope = None) -> Iterator[None]:
@@ -531,11 +569,13 @@ class CALM(nn.Module):
     def _anchor_call(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         past_length: int = 0,
         cache=None,
         last_only: bool = False,
     ) -> torch.Tensor:
+        """The anchor's logits, (B, T, V) or (B, V) with last_only; attention_mask None: nothing
+        is padded."""
         kwargs = dict(
             input_ids=input_ids,
             **_mask_kwargs(attention_mask, past_length),
@@ -679,6 +719,7 @@ class CALM(nn.Module):
             check_sampling(temperature, top_k, top_p)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        B = input_ids.shape[0]
         gen_config = getattr(self.anchor, "generation_config", None)
         if eos_token_id is None and gen_config is not None:
             eos_token_id = gen_config.eos_token_id
@@ -723,14 +764,22 @@ class CALM(nn.Module):
                 input_ids, attention_mask, inputs, visible, texts, aug_caches, blocks
             )
 
-        out = input_ids
-        mask = attention_mask
+        # Built once for the whole call, sliced per step: the mask of every position the call
+        # can reach (new tokens are real) and, with rope, the rotary tables of their positions.
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
+        padded = not bool(attention_mask.all())  # False: every mask below is all ones
+        rope_all = self._rope(full_mask) if composed else None
+        unpadded_masks = [(None, None)] * len(self.augments)
+        tokens = []
         step_ids = input_ids
         past = 0
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
+            length = past + step_ids.shape[1]
+            mask = full_mask[:, :length]
+            model_mask = mask if padded else None  # None: the models skip their mask work
             if composed:
-                rope = self._rope(mask, past)
+                rope = None if rope_all is None else tuple(t[:, :, past:length] for t in rope_all)
                 if aligned and past:
                     key_masks, kv = self._feed_aligned(
                         stream, step_ids[:, 0], ~finished, key_masks, kv, aug_caches, blocks
@@ -739,14 +788,21 @@ class CALM(nn.Module):
                 elif causal and not aligned:
                     states = {}
                     for i in range(len(self.augments)):
-                        states.update(self._run_augment(i, step_ids, mask, aug_caches[i], past))
+                        states.update(
+                            self._run_augment(i, step_ids, model_mask, aug_caches[i], past)
+                        )
                     kv = self._extend_kv(kv, states, blocks, rope)
                     key_masks = [mask] * len(self.augments)
-                masks = self._masks(key_masks, mask, past, visible)
+                if causal and not aligned and not padded:
+                    masks = unpadded_masks  # what _masks returns when nothing is padded
+                else:
+                    masks = self._masks(key_masks, mask, past, visible)
                 with self._composed(kv, masks, blocks, rope):
-                    logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)
+                    logits = self._anchor_call(
+                        step_ids, model_mask, past, anchor_cache, last_only=True
+                    )
             else:
-                logits = self._anchor_call(step_ids, mask, past, anchor_cache, last_only=True)
+                logits = self._anchor_call(step_ids, model_mask, past, anchor_cache, last_only=True)
             token = next_token(
                 logits,
                 do_sample=do_sample,
@@ -755,16 +811,18 @@ class CALM(nn.Module):
                 top_p=top_p,
                 generator=generator,
             )
-            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-            finished |= torch.isin(token, eos)
-            out = torch.cat([out, token[:, None]], 1)
+            if len(eos):  # without an end token no row finishes
+                token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+                finished |= torch.isin(token, eos)
+            tokens.append(token)
             if streamer is not None:
                 streamer.put(token.cpu())
-            past += step_ids.shape[1]
+            past = length
             step_ids = token[:, None]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            if finished.all():
+            if len(eos) and finished.all():
                 break
         if streamer is not None:
             streamer.end()
-        return out
+        if not tokens:
+            return input_ids
+        return torch.cat([input_ids, torch.stack(tokens, 1)], 1)

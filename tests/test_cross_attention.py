@@ -1,12 +1,12 @@
 """CrossAttentionBlock: the unmasked fast path equals the explicit causal mask; the folded
-inference form equals the block."""
+inference form equals the block, and a FoldedGroup's batched keys/values equal each block's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from calm.cross_attention import CrossAttentionBlock, attention_mask, rope_tables
+from calm.cross_attention import CrossAttentionBlock, FoldedGroup, attention_mask, rope_tables
 
 
 @pytest.mark.parametrize("past", [0, 5])
@@ -80,3 +80,27 @@ def test_folded_block_copies_parameters_as_they_are_now():
     assert torch.equal(folded.keys_values(aug)[0], k)
     fresh = block.folded().keys_values(aug)[0]  # a new fold sees the new parameters
     torch.testing.assert_close(fresh, block.keys_values(aug)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
+def test_folded_group_equals_each_block(norm, rope):
+    folded = [random_block(norm, rope, seed=s).folded() for s in range(3)]
+    group = FoldedGroup(folded)
+    B, S = 2, 7
+    states = [torch.randn(B, S, 12) * 3 for _ in folded]  # a different layer per block
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 1, 2, 3, 4]])
+    tables = rope_tables(positions, folded[0].head_dim, torch.float32) if rope else None
+    got = group.keys_values(states, tables)
+    assert len(got) == len(folded)
+    for block, x, (k, v) in zip(folded, states, got, strict=True):
+        want_k, want_v = block.keys_values(x, tables)
+        assert k.shape == want_k.shape == (B, 4, S, 4)
+        torch.testing.assert_close(k, want_k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, want_v, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_group_refuses_blocks_of_different_shapes():
+    other = CrossAttentionBlock(20, 16, 4, init="default").folded()  # another augmenting width
+    with pytest.raises(ValueError, match="one shape"):
+        FoldedGroup([random_block(True, False).folded(), other])

@@ -50,3 +50,13 @@ def test_dropout_while_training_decodes_with_the_blocks(pair):
     assert model._decoding_blocks() is model.blocks
     model.eval()
     assert all(isinstance(b, FoldedBlock) for b in model._decoding_blocks())
+
+
+def test_decoding_blocks_group_the_connections_of_each_augmenting_model(pair):
+    anchor, aug = pair
+    model = CALM(anchor, [aug, aug])  # 8 augmenting layers, every 4th: two blocks each
+    by_augment = [[j for j, c in enumerate(model.connections) if c.augment == i] for i in (0, 1)]
+    assert [len(ids) for ids in by_augment] == [2, 2]
+    groups = model._decoding_blocks().groups
+    assert sorted(ids for ids, _ in groups) == sorted(by_augment)
+    assert all(group is not None for _, group in groups)  # two blocks each: batched
