@@ -6,6 +6,8 @@ Works on Llama-style Hugging Face models (decoder layers called directly, no HF 
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 import transformers as T
@@ -125,6 +127,70 @@ def greedy_cached(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         step = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
         out.append(step)
     return torch.cat(out, 1)
+
+
+def greedy_steps(model, ids: torch.Tensor, new_tokens: int):
+    """`greedy_cached` one step at a time: a generator that yields after each new token."""
+    cache = hf.new_cache(model)
+    step = ids
+    for _ in range(new_tokens):
+        with torch.no_grad():
+            kwargs = hf.cache_kwargs(model, cache)
+            logits = model(input_ids=step, logits_to_keep=1, **kwargs).logits
+        step = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        yield step
+
+
+@torch.no_grad()
+def alternated_greedy(
+    anchor, aug, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, streamer=None
+) -> torch.Tensor:
+    """The two models' cached calls alternated token by token in one loop, the augmenting
+    model's output unused: a composition whose blocks cost nothing. Called like
+    `CALM.generate` (greedy, no end token), so `Lockstep` can time it in CALM's place."""
+    anchor_cache, aug_cache = hf.new_cache(anchor), hf.new_cache(aug)
+    step = ids
+    out = [ids]
+    for _ in range(max_new_tokens):
+        aug(input_ids=step, logits_to_keep=1, **hf.cache_kwargs(aug, aug_cache))
+        kwargs = hf.cache_kwargs(anchor, anchor_cache)
+        step = anchor(input_ids=step, logits_to_keep=1, **kwargs).logits[:, -1].argmax(-1)[:, None]
+        out.append(step)
+        if streamer is not None:
+            streamer.put(step[:, 0])
+    return torch.cat(out, 1)
+
+
+class Lockstep:
+    """Generation timed token by token against the bound: a streamer for `CALM.generate` that,
+    after each token CALM makes, advances each model's own greedy loop (`greedy_steps`) by one
+    token. `times[name]` lists seconds per token: "calm" is the time between two `put`s (the
+    first counts from `start()`), the others the time of their own step.
+
+    Each token's three measurements lie within milliseconds of each other, so the machine's slow
+    phases (on the 2-core VM here a decode loop's speed drifts by up to 2x over about a second)
+    hit all three alike, which timing whole calls in turn does not achieve.
+    """
+
+    def __init__(self, loops: dict) -> None:
+        self.loops = loops  # name -> greedy_steps(...) generator
+        self.times: dict[str, list[float]] = {"calm": [], **{name: [] for name in loops}}
+        self._mark = 0.0
+
+    def start(self) -> None:
+        self._mark = time.perf_counter()
+
+    def put(self, tokens) -> None:
+        now = time.perf_counter()
+        self.times["calm"].append(now - self._mark)
+        for name, loop in self.loops.items():
+            begin = time.perf_counter()
+            next(loop)
+            self.times[name].append(time.perf_counter() - begin)
+        self._mark = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = (
@@ -37,6 +38,7 @@ def test_quick_benchmark_writes_report(tmp_path):
     # Correctness facts the benchmark also measures: these must hold whatever the timings.
     assert config["train"]["loss_abs_diff_vs_reference"] < 1e-4
     assert config["generate"]["cached_matches_recompute"] is True
+    assert config["generate"]["lockstep_control_ratio"] > 0
     assert config["causal"]["calm_leaks"] is False
     peer = config.get("peer_calm_pytorch")
     if peer is None:
@@ -46,3 +48,36 @@ def test_quick_benchmark_writes_report(tmp_path):
     assert report["scaling"]["by_seq"] and report["scaling"]["by_connections"]
     assert (tmp_path / "bench.md").read_text().startswith("# calm benchmarks")
     assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_lockstep_times_every_token_of_each_loop(pair):
+    """The token-by-token timer advances each model's own greedy loop once per CALM token, and
+    those loops (and the control) decode what each model's plain greedy loop decodes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reference
+
+    from calm import CALM
+
+    anchor, aug = pair
+    model = CALM(anchor, aug)
+    prompt = torch.randint(3, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+    n = 6
+    tokens = {}
+
+    def recording(name, m):
+        for step in reference.greedy_steps(m, prompt, n):
+            tokens.setdefault(name, []).append(step)
+            yield step
+
+    loops = {"anchor": recording("anchor", anchor), "aug": recording("aug", aug)}
+    timer = reference.Lockstep(loops)
+    timer.start()
+    out = model.generate(prompt, max_new_tokens=n, eos_token_id=[], streamer=timer)
+    assert out.shape == (1, 5 + n)
+    assert {k: len(v) for k, v in timer.times.items()} == {"calm": n, "anchor": n, "aug": n}
+    assert all(t > 0 for ts in timer.times.values() for t in ts)
+    for name, m in (("anchor", anchor), ("aug", aug)):
+        alone = reference.greedy_cached(m, prompt, n)
+        assert torch.equal(torch.cat([prompt, *tokens[name]], 1), alone)
+    control = reference.alternated_greedy(anchor, aug, prompt, max_new_tokens=n)
+    assert torch.equal(control, reference.greedy_cached(anchor, prompt, n))
