@@ -169,7 +169,9 @@ class Lockstep:
 
     Each token's three measurements lie within milliseconds of each other, so the machine's slow
     phases (on the 2-core VM here a decode loop's speed drifts by up to 2x over about a second)
-    hit all three alike, which timing whole calls in turn does not achieve.
+    hit all three alike. But each model's loop then runs alternated with other models, not
+    alone, and loses what running alone gains (on mid, ~10% a token): this compares CALM with
+    the two models alternated, not with the bound of each alone.
     """
 
     def __init__(self, loops: dict) -> None:

@@ -38,7 +38,8 @@ def test_quick_benchmark_writes_report(tmp_path):
     # Correctness facts the benchmark also measures: these must hold whatever the timings.
     assert config["train"]["loss_abs_diff_vs_reference"] < 1e-4
     assert config["generate"]["cached_matches_recompute"] is True
-    assert config["generate"]["lockstep_control_ratio"] > 0
+    for key in ("alternated_to_bound", "ratio_to_alternated", "lockstep_control_ratio"):
+        assert config["generate"][key] > 0
     assert config["causal"]["calm_leaks"] is False
     peer = config.get("peer_calm_pytorch")
     if peer is None:
