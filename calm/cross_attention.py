@@ -177,7 +177,7 @@ class FoldedBlock:
             self.kv_weight = torch.cat([block.k.weight, block.v.weight])  # (2D, D)
             self.q_weight = q.to(dtype, copy=True)
             self.o_weight = block.o.weight.clone()
-        # blocks with equal keys can share a FoldedGroup
+        # blocks with equal shape keys can share a FoldedGroup
         self.shape_key = (
             tuple(self.proj_weight.shape),
             self.num_heads,

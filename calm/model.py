@@ -702,7 +702,8 @@ class CALM(nn.Module):
         The anchor and every augmenting model keep their own KV cache, and each block keeps the
         keys/values of the augmenting states seen so far; each step feeds the new token to every
         model once. The blocks run in their folded inference form (`FoldedBlock`, equal up to
-        rounding), built at the start of each call. Finished rows are filled with
+        rounding), built at the start of each call; the blocks of one augmenting model compute
+        their keys/values together (`FoldedGroup`). Finished rows are filled with
         `pad_token_id`. Left-padded batches work.
         `streamer` (optional) gets `put(tokens)` after each step and `end()` at the end.
 
