@@ -29,34 +29,6 @@ import torch  # noqa: E402
 from calm import CALM, CALMConfig  # noqa: E402
 
 
-class Chunked:
-    """Streamer: after every `chunk` CALM tokens (and after the last), advance each loop by as
-    many tokens; accumulates seconds per name ("calm": the time outside the loops' steps)."""
-
-    def __init__(self, loops: dict, chunk: int, n: int) -> None:
-        self.loops, self.chunk, self.n = loops, chunk, n
-        self.seconds = {"calm": 0.0, **{name: 0.0 for name in loops}}
-        self.made = self.advanced = 0
-        self.mark = time.perf_counter()
-
-    def put(self, tokens) -> None:
-        now = time.perf_counter()
-        self.seconds["calm"] += now - self.mark
-        self.made += 1
-        if self.made % self.chunk == 0 or self.made == self.n:
-            steps = self.made - self.advanced
-            for name, loop in self.loops.items():
-                begin = time.perf_counter()
-                for _ in range(steps):
-                    next(loop)
-                self.seconds[name] += time.perf_counter() - begin
-            self.advanced = self.made
-        self.mark = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="mid", choices=[s.name for s in run.FULL])
@@ -82,9 +54,10 @@ def main() -> None:
             "anchor": reference.greedy_steps(anchor, prompt, n),
             "aug": reference.greedy_steps(aug, prompt, n),
         }
-        timer = Chunked(loops, chunk, n)
+        timer = reference.Lockstep(loops, chunk, n)
+        timer.start()
         generate(prompt, max_new_tokens=n, eos_token_id=[], streamer=timer)
-        return timer.seconds
+        return {name: sum(ts) for name, ts in timer.times.items()}
 
     chunks = [int(c) for c in args.chunks.split(",")]
     for c in chunks:  # warm-up

@@ -52,16 +52,6 @@ def variants(s: run.Setup, n: int) -> dict:
     prompt = run.random_ids(s, 1, s.prompt, seed=1)
 
     @torch.no_grad()
-    def alternated() -> None:
-        anchor_cache, aug_cache = hf.new_cache(anchor), hf.new_cache(aug)
-        step = prompt
-        for _ in range(n):
-            aug(input_ids=step, logits_to_keep=1, **hf.cache_kwargs(aug, aug_cache))
-            kwargs = hf.cache_kwargs(anchor, anchor_cache)
-            logits = anchor(input_ids=step, logits_to_keep=1, **kwargs).logits
-            step = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-
-    @torch.no_grad()
     def ladder(level: int) -> None:
         anchor_cache, aug_cache = hf.new_cache(anchor), hf.new_cache(aug)
         blocks = model._decoding_blocks()
@@ -82,7 +72,7 @@ def variants(s: run.Setup, n: int) -> dict:
     return {
         "anchor": lambda: reference.greedy_cached(anchor, prompt, n),
         "aug": lambda: reference.greedy_cached(aug, prompt, n),
-        "alt_plain": alternated,
+        "alt_plain": lambda: reference.alternated_greedy(anchor, aug, prompt, n),
         "L0 calls": lambda: ladder(0),
         "L1 +extend_kv": lambda: ladder(1),
         "L2 +blocks": lambda: ladder(2),

@@ -116,21 +116,14 @@ def blocks_like(model) -> nn.ModuleList:
     return out
 
 
-@torch.no_grad()
 def greedy_cached(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """A model alone: greedy decoding with its own KV cache and the last position's logits only."""
-    cache = hf.new_cache(model)
-    step = ids
-    out = [ids]
-    for _ in range(new_tokens):
-        logits = model(input_ids=step, logits_to_keep=1, **hf.cache_kwargs(model, cache)).logits
-        step = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        out.append(step)
-    return torch.cat(out, 1)
+    return torch.cat([ids, *greedy_steps(model, ids, new_tokens)], 1)
 
 
 def greedy_steps(model, ids: torch.Tensor, new_tokens: int):
-    """`greedy_cached` one step at a time: a generator that yields after each new token."""
+    """Greedy decoding with the model's own KV cache, one step at a time: a generator that yields
+    each new token, (B, 1)."""
     cache = hf.new_cache(model)
     step = ids
     for _ in range(new_tokens):
@@ -172,11 +165,16 @@ class Lockstep:
     hit all three alike. But each model's loop then runs alternated with other models, not
     alone, and loses what running alone gains (on mid, ~10% a token): this compares CALM with
     the two models alternated, not with the bound of each alone.
+
+    With `chunk` > 1 (`benchmarks/alternation.py`) the loops advance `chunk` tokens after every
+    `chunk`-th token (and the rest after the `n`-th), one entry in `times` per advance.
     """
 
-    def __init__(self, loops: dict) -> None:
+    def __init__(self, loops: dict, chunk: int = 1, n: int | None = None) -> None:
         self.loops = loops  # name -> greedy_steps(...) generator
+        self.chunk, self.n = chunk, n
         self.times: dict[str, list[float]] = {"calm": [], **{name: [] for name in loops}}
+        self._made = self._advanced = 0
         self._mark = 0.0
 
     def start(self) -> None:
@@ -185,10 +183,15 @@ class Lockstep:
     def put(self, tokens) -> None:
         now = time.perf_counter()
         self.times["calm"].append(now - self._mark)
-        for name, loop in self.loops.items():
-            begin = time.perf_counter()
-            next(loop)
-            self.times[name].append(time.perf_counter() - begin)
+        self._made += 1
+        if self._made % self.chunk == 0 or self._made == self.n:
+            steps = self._made - self._advanced
+            for name, loop in self.loops.items():
+                begin = time.perf_counter()
+                for _ in range(steps):
+                    next(loop)
+                self.times[name].append(time.perf_counter() - begin)
+            self._advanced = self._made
         self._mark = time.perf_counter()
 
     def end(self) -> None:

@@ -775,6 +775,7 @@ class CALM(nn.Module):
         step_ids = input_ids
         past = 0
         finished = torch.zeros(B, dtype=torch.bool, device=device)
+        track_eos = len(eos) > 0  # without an end token no row finishes
         for _ in range(max_new_tokens):
             length = past + step_ids.shape[1]
             mask = full_mask[:, :length]
@@ -812,7 +813,7 @@ class CALM(nn.Module):
                 top_p=top_p,
                 generator=generator,
             )
-            if len(eos):  # without an end token no row finishes
+            if track_eos:
                 token = torch.where(finished, torch.full_like(token, pad_token_id), token)
                 finished |= torch.isin(token, eos)
             tokens.append(token)
@@ -820,7 +821,7 @@ class CALM(nn.Module):
                 streamer.put(token.cpu())
             past = length
             step_ids = token[:, None]
-            if len(eos) and finished.all():
+            if track_eos and finished.all():
                 break
         if streamer is not None:
             streamer.end()
