@@ -4,11 +4,15 @@ Timing: the functions under comparison run in turn, rep after rep (A B C A B C .
 change on a shared machine hits all of them alike; we keep per-rep times and report medians and
 the median of the per-rep ratios.
 
-Memory: `PeakTensorMemory` counts the bytes of every tensor storage created by an ATen operation
-while it is active (activations, gradients, temporaries, autograd's saved tensors), and releases
-them when the storage is freed. Its peak is the most such memory alive at once. Storages that
-existed before (weights, optimizer state after the first step) are not counted. Process RSS and
-`tracemalloc` are unusable for this: RSS keeps freed pages and counts the torch libraries, and
+On an accelerator each call is followed by a device synchronisation (`sync`), so a rep's time is
+the work's, not the launches'. Memory there is the allocator's peak above what was allocated
+before the step (`torch.cuda.max_memory_allocated`).
+
+Memory on CPU: `PeakTensorMemory` counts the bytes of every tensor storage created by an ATen
+operation while it is active (activations, gradients, temporaries, autograd's saved tensors), and
+releases them when the storage is freed. Its peak is the most such memory alive at once. Storages
+that existed before (weights, optimizer state after the first step) are not counted. Process RSS
+and `tracemalloc` are unusable for this: RSS keeps freed pages and counts the torch libraries, and
 `tracemalloc` does not see torch's allocator.
 """
 
@@ -24,16 +28,34 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1):
-    """{name: [seconds per rep]} for functions timed in turn, after `warmup` untimed rounds."""
+def synchronizer(device: str | torch.device) -> Callable[[], None]:
+    """A function that waits for `device`'s queued work (does nothing on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "cpu":
+        return lambda: None
+    raise ValueError(f"the benchmarks run on cpu or cuda, not {device.type}.")
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+):
+    """{name: [seconds per rep]} for functions timed in turn, after `warmup` untimed rounds;
+    `sync` waits for an accelerator before each clock reading."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -80,10 +102,20 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
-def peak_memory(step: Callable[[], object], warmup: int = 1) -> int:
+def peak_memory(step: Callable[[], object], warmup: int = 1, device="cpu") -> int:
     """Peak bytes of new tensor memory during one call of `step`, after `warmup` calls."""
     for _ in range(warmup):
         step()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
+        raise ValueError(f"peak memory is measured on cpu or cuda, not {device.type}.")
     with PeakTensorMemory() as m:
         step()
     return m.peak

@@ -77,7 +77,7 @@ class ReferenceStep:
     @staticmethod
     def _embed(model, ids: torch.Tensor):
         x = model.model.embed_tokens(ids)  # (B, T, width)
-        pos = torch.arange(ids.shape[1])[None]
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
         return x, model.model.rotary_emb(x, pos)
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,8 @@ class ReferenceStep:
                 if c.anchor_layer == i:
                     h = h + block(h, states[c.aug_layer])
         logits = self.anchor.lm_head(self.anchor.model.norm(h))  # (B, T, V)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        # the loss in float32, as Hugging Face's causal LMs compute it (a no-op in float32)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
     def __call__(self, ids: torch.Tensor) -> float:
         loss = self.loss(ids)
@@ -170,17 +171,22 @@ class Lockstep:
     `chunk`-th token (and the rest after the `n`-th), one entry in `times` per advance.
     """
 
-    def __init__(self, loops: dict, chunk: int = 1, n: int | None = None) -> None:
+    def __init__(
+        self, loops: dict, chunk: int = 1, n: int | None = None, sync=lambda: None
+    ) -> None:
         self.loops = loops  # name -> greedy_steps(...) generator
         self.chunk, self.n = chunk, n
+        self.sync = sync  # waits for an accelerator before each clock reading
         self.times: dict[str, list[float]] = {"calm": [], **{name: [] for name in loops}}
         self._made = self._advanced = 0
         self._mark = 0.0
 
     def start(self) -> None:
+        self.sync()
         self._mark = time.perf_counter()
 
     def put(self, tokens) -> None:
+        self.sync()
         now = time.perf_counter()
         self.times["calm"].append(now - self._mark)
         self._made += 1
@@ -190,6 +196,7 @@ class Lockstep:
                 begin = time.perf_counter()
                 for _ in range(steps):
                     next(loop)
+                self.sync()
                 self.times[name].append(time.perf_counter() - begin)
             self._advanced = self._made
         self._mark = time.perf_counter()

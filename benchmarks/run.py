@@ -1,9 +1,11 @@
 """Benchmark CALM against its plain-torch bound and against calm-pytorch; write JSON and markdown.
 
-    python benchmarks/run.py [--quick] [--out DIR] [--threads N]
+    python benchmarks/run.py [--quick] [--out DIR] [--threads N] [--device cuda] [--dtype bfloat16]
 
 Writes DIR/bench.json, DIR/bench.md and DIR/scaling.png. Every ratio compares functions timed in
-the same run, interleaved rep by rep (see measure.py). Nothing here asserts a timing.
+the same run, interleaved rep by rep (see measure.py). Nothing here asserts a timing. On a GPU
+(`--device cuda`) the configs are `GPU` below (mid, and a large pair that fills the GPU better),
+each timed call ends with a device synchronisation, and peak memory is the CUDA allocator's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 import measure  # noqa: E402
 import peers  # noqa: E402
 import reference  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the models run: a torch device and the dtype of both models and the blocks."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def sync(self):
+        return measure.synchronizer(self.device)
+
+    def config(self, **kwargs) -> CALMConfig:
+        return CALMConfig(dtype=self.dtype, **kwargs)
+
+
+CPU = Target()
 
 
 @dataclass(frozen=True)
@@ -71,9 +91,15 @@ QUICK = (Setup("small", 512, 64, 4, 48, 8, 4, 2, 32, 8, 8, 3),)
 REAL = Setup(
     "smollm2-135m-x2", 49152, 576, 30, 576, 30, 9, 1, 32, 16, 16, 5, "smollm2-135m", gen_reps=8
 )
+# On a GPU: mid as on CPU (small models: launch-bound), and a ~1.1B anchor (width 2048, 16 layers)
+# with a ~0.2B augmenting model (width 1024, 12 layers) on batches of 8 x 512 tokens.
+GPU = (
+    Setup("mid", 2048, 256, 8, 192, 8, 8, 4, 128, 16, 256, 10, gen_reps=6),
+    Setup("large", 32000, 2048, 16, 1024, 12, 16, 8, 512, 32, 128, 10, gen_reps=6),
+)
 
 
-def models(s: Setup):
+def models(s: Setup, target: Target = CPU):
     if s.checkpoint is not None:
         from transformers import AutoModelForCausalLM
 
@@ -81,10 +107,13 @@ def models(s: Setup):
 
         path = hub_offline.model_dir(s.checkpoint)
         load = AutoModelForCausalLM.from_pretrained
-        return load(path).eval(), load(path).eval()
-    anchor = reference.llama(s.vocab, s.anchor_width, s.anchor_layers, s.heads, seed=0)
-    aug = reference.llama(s.vocab, s.aug_width, s.aug_layers, s.heads, seed=1)
-    return anchor, aug
+        anchor, aug = load(path).eval(), load(path).eval()
+    else:
+        with torch.device(target.device):  # initialised where they run (faster on a GPU)
+            anchor = reference.llama(s.vocab, s.anchor_width, s.anchor_layers, s.heads, seed=0)
+            aug = reference.llama(s.vocab, s.aug_width, s.aug_layers, s.heads, seed=1)
+    dtype = getattr(torch, target.dtype)
+    return anchor.to(target.device, dtype), aug.to(target.device, dtype)
 
 
 def real_available() -> bool:
@@ -93,9 +122,9 @@ def real_available() -> bool:
     return hub_offline.available(REAL.checkpoint)
 
 
-def random_ids(s: Setup, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+def random_ids(s: Setup, batch: int, length: int, seed: int = 0, device="cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, s.vocab, (batch, length), generator=g)
+    return torch.randint(3, s.vocab, (batch, length), generator=g).to(device)
 
 
 def calm_step(model: CALM, ids: torch.Tensor, aug_states=None):
@@ -112,24 +141,29 @@ def calm_step(model: CALM, ids: torch.Tensor, aug_states=None):
 
 
 def leaks(logits_fn, ids: torch.Tensor) -> bool:
-    """True if the logits before the last position change when only the last token changes."""
+    """True if the logits before the last position change when only the last token changes
+    (exactly on CPU; on a GPU, whose kernels may round a row differently when others change, by
+    more than 1e-3 of the logits' scale)."""
     other = ids.clone()
     other[:, -1] = (other[:, -1] + 1) % ids.max().item() + 3
-    a, b = logits_fn(ids)[:, :-1], logits_fn(other)[:, :-1]
-    return not torch.equal(a, b)
+    a, b = logits_fn(ids)[:, :-1].float(), logits_fn(other)[:, :-1].float()
+    if ids.device.type == "cpu":
+        return not torch.equal(a, b)
+    return (a - b).abs().max().item() > 1e-3 * a.abs().max().item()
 
 
-def train(s: Setup, anchor, aug, connections=None) -> dict:
+def train(s: Setup, anchor, aug, connections=None, target: Target = CPU) -> dict:
     """CALM step (norm=False: the reference's exact math; and the default config) vs reference."""
-    config = CALMConfig(norm=False, init="default", connections=connections)
+    config = target.config(norm=False, init="default", connections=connections)
     model = CALM(anchor, aug, config)
-    default = CALM(anchor, aug, CALMConfig(init="default", connections=connections))
-    ref = reference.ReferenceStep(anchor, aug, model.connections, reference.blocks_like(model))
-    ids = random_ids(s, s.batch, s.seq)
+    default = CALM(anchor, aug, target.config(init="default", connections=connections))
+    blocks = reference.blocks_like(model).to(target.device, getattr(torch, target.dtype))
+    ref = reference.ReferenceStep(anchor, aug, model.connections, blocks)
+    ids = random_ids(s, s.batch, s.seq, device=target.device)
     same_loss = abs(model(ids, labels=ids).loss.item() - ref.loss(ids).item())
     fns = {"calm": calm_step(model, ids), "reference": lambda: ref(ids)}
     fns["calm_default_config"] = calm_step(default, ids)
-    t = measure.interleaved(fns, s.reps)
+    t = measure.interleaved(fns, s.reps, sync=target.sync)
     return {
         "connections": len(model.connections),
         "calm_ms": 1e3 * measure.median(t["calm"]),
@@ -142,15 +176,16 @@ def train(s: Setup, anchor, aug, connections=None) -> dict:
     }
 
 
-def section(s: Setup, with_peer: bool) -> dict:
-    anchor, aug = models(s)
+def section(s: Setup, with_peer: bool, target: Target = CPU) -> dict:
+    anchor, aug = models(s, target)
     out: dict = {"setup": asdict(s)}
+    sync = target.sync
 
     # 1. training step and peak memory against the reference
-    tr = train(s, anchor, aug)
+    tr = train(s, anchor, aug, target=target)
     fns = tr.pop("_fns")
     out["train"] = tr
-    mem = {name: measure.peak_memory(fn) for name, fn in fns.items()}
+    mem = {name: measure.peak_memory(fn, device=target.device) for name, fn in fns.items()}
     out["memory"] = {
         "calm_peak_bytes": mem["calm"],
         "reference_peak_bytes": mem["reference"],
@@ -160,11 +195,13 @@ def section(s: Setup, with_peer: bool) -> dict:
     }
 
     # 4. augmenting-state cache: a later epoch's step with the states computed once
-    model = CALM(anchor, aug, CALMConfig(init="default"))
-    ids = random_ids(s, s.batch, s.seq)
+    model = CALM(anchor, aug, target.config(init="default"))
+    ids = random_ids(s, s.batch, s.seq, device=target.device)
     states = model.augment_states(ids)
     t = measure.interleaved(
-        {"without": calm_step(model, ids), "with": calm_step(model, ids, states)}, s.reps
+        {"without": calm_step(model, ids), "with": calm_step(model, ids, states)},
+        s.reps,
+        sync=sync,
     )
     out["aug_cache"] = {
         "step_ms_without": 1e3 * measure.median(t["without"]),
@@ -176,7 +213,7 @@ def section(s: Setup, with_peer: bool) -> dict:
     # beside them the two models alternated token by token with no blocks, which any composed
     # decode must do: it splits CALM's gap into the cost of alternating and the blocks' own work.
     # Then token by token (Lockstep), and vs full recomputation (few reps: slow, large speedup).
-    prompt = random_ids(s, 1, s.prompt, seed=1)
+    prompt = random_ids(s, 1, s.prompt, seed=1, device=target.device)
     n = s.new_tokens
     results = {}
 
@@ -195,6 +232,7 @@ def section(s: Setup, with_peer: bool) -> dict:
             "calm": calm_gen,
         },
         s.bound_reps,
+        sync=sync,
     )
     alone = [a + b for a, b in zip(t["anchor"], t["aug"], strict=True)]
 
@@ -204,7 +242,7 @@ def section(s: Setup, with_peer: bool) -> dict:
             "anchor": reference.greedy_steps(anchor, prompt, n),
             "aug": reference.greedy_steps(aug, prompt, n),
         }
-        timer = reference.Lockstep(loops)
+        timer = reference.Lockstep(loops, sync=sync)
         timer.start()
         generate(prompt, max_new_tokens=n, eos_token_id=[], streamer=timer)
         return {name: sum(ts) for name, ts in timer.times.items()}
@@ -220,6 +258,7 @@ def section(s: Setup, with_peer: bool) -> dict:
             "recompute": run("recompute", lambda: reference.greedy_recompute(model, prompt, n)),
         },
         max(2, s.reps // 3),
+        sync=sync,
     )
     tps = {k: n / measure.median(v) for k, v in t.items()}
     out["generate"] = {
@@ -248,15 +287,16 @@ def section(s: Setup, with_peer: bool) -> dict:
     }
     out["causal"] = {"calm_leaks": leaks(lambda x: model(x).logits.detach(), ids)}
     if with_peer:
-        out["peer_calm_pytorch"] = peer_section(s, anchor, aug, model.connections, out)
+        out["peer_calm_pytorch"] = peer_section(s, anchor, aug, model.connections, target)
     return out
 
 
-def peer_section(s: Setup, anchor, aug, connections, ours: dict) -> dict:
+def peer_section(s: Setup, anchor, aug, connections, target: Target) -> dict:
     """calm-pytorch on copies of the same models (its hooks stay on the models it wraps)."""
     peer = peers.build(copy.deepcopy(anchor), copy.deepcopy(aug), connections)
+    peer.to(getattr(torch, target.dtype))
     ids = random_ids(s, s.batch, s.seq)
-    model = CALM(anchor, aug, CALMConfig(init="default", connections=connections))
+    model = CALM(anchor, aug, target.config(init="default", connections=connections))
     fns = {"calm": calm_step(model, ids), "peer": peers.step_fn(peer, ids)}
     t = measure.interleaved(fns, s.reps)
     mem_calm = measure.peak_memory(fns["calm"])
@@ -291,12 +331,12 @@ def peer_section(s: Setup, anchor, aug, connections, ours: dict) -> dict:
     }
 
 
-def scaling(s: Setup, lengths, counts) -> dict:
+def scaling(s: Setup, lengths, counts, target: Target = CPU) -> dict:
     """Step time of CALM and the reference against sequence length and number of connections."""
-    anchor, aug = models(s)
+    anchor, aug = models(s, target)
     rows = []
     for seq in lengths:
-        r = train(Setup(**{**asdict(s), "seq": seq}), anchor, aug)
+        r = train(Setup(**{**asdict(s), "seq": seq}), anchor, aug, target=target)
         r.pop("_fns")
         rows.append({"seq": seq, **r})
     by_length = rows
@@ -307,7 +347,7 @@ def scaling(s: Setup, lengths, counts) -> dict:
             Connection(round((k + 1) * n_anchor / n) - 1, round((k + 1) * n_aug / n) - 1)
             for k in range(n)
         )
-        r = train(s, anchor, aug, conns)
+        r = train(s, anchor, aug, conns, target)
         r.pop("_fns")
         rows.append({"n_connections": n, **r})
     return {"by_seq": by_length, "by_connections": rows}
@@ -338,7 +378,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# calm benchmarks ({report['mode']})",
         "",
-        f"{report['machine']}; torch {report['torch']}, {report['threads']} thread(s); "
+        f"{report['machine']}; {report['device']}, {report['dtype']}; "
+        f"torch {report['torch']}, {report['threads']} thread(s); "
         f"load average at start {report['load_at_start']}, at end {report['load_at_end']}.",
         "",
         "| config | step / ref | step / ref (default cfg) | peak mem / ref | gen / bound | "
@@ -397,44 +438,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few reps (CI)")
     parser.add_argument("--out", default="bench_out", help="output directory")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU configs)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    target = Target(args.device, args.dtype)
+    gpu = torch.device(args.device).type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    setups = QUICK if args.quick else FULL
-    with_peer = peers.available()
+    setups = QUICK if args.quick else GPU if gpu else FULL
+    with_peer = peers.available() and not gpu  # calm-pytorch's comparison is CPU-only here
+    machine = f"{platform.machine()} {os.cpu_count()} CPUs"
+    if gpu:
+        machine += ", " + torch.cuda.get_device_name(torch.device(args.device))
     report: dict = {
         "mode": "quick" if args.quick else "full",
         "calm_version": calm.__version__,
         "torch": torch.__version__,
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "machine": machine,
+        "device": args.device,
+        "dtype": args.dtype,
         "threads": args.threads,
         "load_at_start": [round(x, 2) for x in os.getloadavg()],
-        "peer_note": "" if with_peer else NO_PEER,
+        "peer_note": "" if with_peer else "not run on a GPU" if gpu else NO_PEER,
         "configs": {},
     }
     for s in setups:
-        report["configs"][s.name] = section(s, with_peer)
+        report["configs"][s.name] = section(s, with_peer, target)
+        (out / "bench.partial.json").write_text(json.dumps(report, indent=2))  # if cut off
     if not args.quick and real_available():
-        report["configs"][REAL.name] = section(REAL, with_peer=False)
+        report["configs"][REAL.name] = section(REAL, with_peer=False, target=target)
     else:
         report["real_pair_note"] = "skipped: quick mode, or SmolLM2-135M not converted (" + (
             "python -m calm.hub_offline model smollm2-135m)"
         )
-    head = setups[-1]
-    lengths = (16, 32) if args.quick else (32, 64, 128, 256)
+    last = setups[-1]  # the largest config: scaling is measured on it
+    lengths = (16, 32) if args.quick else (128, 256, 512, 1024) if gpu else (32, 64, 128, 256)
     counts = (1, 2) if args.quick else (1, 2, 4, 8)
-    report["scaling"] = {"config": head.name, **scaling(head, lengths, counts)}
+    report["scaling"] = {"config": last.name, **scaling(last, lengths, counts, target)}
     report["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    c = report["configs"][head.name]
-    report["headline_config"] = head.name
+    head = "mid" if "mid" in report["configs"] else last.name  # the top-level numbers' config
+    c = report["configs"][head]
+    report["headline_config"] = head
     report["train_step_ratio"] = c["train"]["ratio"]
     report["peak_memory_ratio"] = c["memory"]["ratio"]
     report["generate_ratio"] = c["generate"]["ratio_to_bound"]
     report["generate_speedup_vs_recompute"] = c["generate"]["speedup_vs_recompute"]
     report["aug_cache_speedup"] = c["aug_cache"]["speedup"]
     (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.partial.json").unlink()
     (out / "bench.md").write_text(markdown(report))
     plot(report["scaling"], out / "scaling.png")
     print(markdown(report))
