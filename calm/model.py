@@ -718,6 +718,11 @@ class CALM(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}.")
         if do_sample:
             check_sampling(temperature, top_k, top_p)
+            if generator is not None and generator.device != device:
+                raise ValueError(
+                    f"generator is on {generator.device} but the anchor samples on {device}; "
+                    f"make it with torch.Generator(device={str(device)!r})."
+                )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         B = input_ids.shape[0]
