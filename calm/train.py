@@ -442,10 +442,13 @@ class _Run:
                 loss = token_loss_sum(logits, inputs["labels"]) / n_targets
                 self.acc.backward(loss * self.world)
             loss_sum += float(loss.detach())
-        loss_total, tokens_total = self._all_sum([loss_sum, tokens])
         params = self.calm.trainable_parameters()
-        grads_finite = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
-        if math.isfinite(loss_total) and grads_finite:
+        grads = [p.grad for p in params if p.grad is not None]
+        # One host sync for all the gradients, summed over processes so that all skip alike
+        # (a sharding engine gives each process only its shard of them).
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else True
+        loss_total, tokens_total, bad = self._all_sum([loss_sum, tokens, float(not finite)])
+        if math.isfinite(loss_total) and bad == 0:
             if self.cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             self.optimizer.step()

@@ -178,6 +178,22 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert losses(cfg.output_dir) == losses(tmp_path / "ref")
 
 
+def test_nonfinite_gradient_with_finite_loss_is_skipped(tmp_path):
+    model = make_model(dropout=0.0)
+    weight = model.blocks[0].o.weight
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] == 2 else grad
+
+    weight.register_hook(poison)
+    result = train(model, records(8), config=config(tmp_path, "inf", max_steps=4))
+    assert calls["n"] == 4
+    assert result.skipped_steps == 1 and result.step == 4
+    assert all(torch.isfinite(p).all() for p in model.trainable_parameters())
+
+
 def test_nonfinite_losses_skipped_then_fatal(tmp_path):
     model = make_model(dropout=0.0)
     forward = model.forward
