@@ -1,8 +1,9 @@
 """How the benchmarks measure: interleaved wall-clock repetitions and peak live tensor memory.
 
-Timing: the functions under comparison run in turn, rep after rep (A B C A B C ...), so a load
-change on a shared machine hits all of them alike; we keep per-rep times and report medians and
-the median of the per-rep ratios.
+Timing: the functions under comparison run in turn, rep after rep, so a load change on a shared
+machine hits all of them alike; each rep starts one function later (A B C, B C A, C A B, ...),
+so none always runs first or always after the same other; we keep per-rep times and report
+medians and the median of the per-rep ratios.
 
 On an accelerator each call is followed by a device synchronisation (`sync`), so a rep's time is
 the work's, not the launches'. Memory there is the allocator's peak above what was allocated
@@ -50,8 +51,11 @@ def interleaved(
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    names = list(fns)
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
             sync()
             start = time.perf_counter()
             fn()

@@ -82,3 +82,16 @@ def test_lockstep_times_every_token_of_each_loop(pair):
         assert torch.equal(torch.cat([prompt, *tokens[name]], 1), alone)
     control = reference.alternated_greedy(anchor, aug, prompt, max_new_tokens=n)
     assert torch.equal(control, reference.greedy_cached(anchor, prompt, n))
+
+
+def test_interleaved_rotates_the_order_and_syncs_around_each_call():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import measure
+
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = measure.interleaved(fns, reps=4, warmup=1, sync=lambda: calls.append("|"))
+    assert calls[:3] == ["a", "b", "c"]  # the warm-up round, untimed
+    order = "abc" + "bca" + "cab" + "abc"  # each rep starts one later
+    assert calls[3:] == [x for name in order for x in ("|", name, "|")]
+    assert {name: len(ts) for name, ts in times.items()} == {"a": 4, "b": 4, "c": 4}
