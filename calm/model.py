@@ -413,31 +413,37 @@ class CALM(nn.Module):
         query_mask: torch.Tensor,
         past_length: int,
         visible: list[torch.Tensor] | None = None,
+        padded: bool | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(mask, rows) per augmenting model, for queries at stream positions past_length + t.
 
         key_masks[i]: (B, S_i) padding mask of what augmenting model i has read (past included);
         query_mask: (B, P + T) anchor padding mask (past included);
         visible[i]: (B, T) how many real keys of augmenting model i each query sees (replaces the
-        shared-stream rule; see `calm.tokenizers`).
+        shared-stream rule; see `calm.tokenizers`);
+        padded: whether any of these masks holds a zero, when the caller knows (None: look, one
+        host sync per mask).
         """
         device = query_mask.device
+        offset = past_length if self.calm_config.mode == "causal" else None
+        T = query_mask.shape[1] - past_length
+        same_stream = (
+            visible is None
+            and offset is not None
+            and (offset == 0 or T == 1)
+            and all(k.shape[1] == offset + T for k in key_masks)
+        )
+        if same_stream and padded is None:
+            padded = not (bool(query_mask.all()) and all(bool(k.all()) for k in key_masks))
+        if same_stream and not padded:
+            # nothing padded: plain causal attention, no mask to build (see CrossAttentionBlock)
+            return [(None, None)] * len(key_masks)
         query_valid = query_mask[:, past_length:].bool()
         if visible is not None:
             return [
                 build_mask(k.to(device).bool(), query_valid, None, v)
                 for k, v in zip(key_masks, visible)
             ]
-        offset = past_length if self.calm_config.mode == "causal" else None
-        T = query_valid.shape[1]
-        if (
-            offset is not None
-            and (offset == 0 or T == 1)
-            and all(k.shape[1] == offset + T for k in key_masks)
-            and bool(query_valid.all())
-            and all(bool(k.all()) for k in key_masks)
-        ):  # nothing padded: plain causal attention, no mask to build (see CrossAttentionBlock)
-            return [(None, None)] * len(key_masks)
         built: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         out = []
         for key_mask in key_masks:
@@ -775,7 +781,6 @@ class CALM(nn.Module):
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
         padded = not bool(attention_mask.all())  # False: every mask below is all ones
         rope_all = self._rope(full_mask) if composed else None
-        unpadded_masks = [(None, None)] * len(self.augments)
         tokens = []
         step_ids = input_ids
         past = 0
@@ -800,10 +805,8 @@ class CALM(nn.Module):
                         )
                     kv = self._extend_kv(kv, states, blocks, rope)
                     key_masks = [mask] * len(self.augments)
-                if causal and not aligned and not padded:
-                    masks = unpadded_masks  # what _masks returns when nothing is padded
-                else:
-                    masks = self._masks(key_masks, mask, past, visible)
+                # the new tokens are real: the masks are padded exactly when the prompt is
+                masks = self._masks(key_masks, mask, past, visible, padded if causal else None)
                 with self._composed(kv, masks, blocks, rope):
                     logits = self._anchor_call(
                         step_ids, model_mask, past, anchor_cache, last_only=True
