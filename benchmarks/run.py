@@ -89,7 +89,7 @@ QUICK = (Setup("small", 512, 64, 4, 48, 8, 4, 2, 32, 8, 8, 3),)
 # SmolLM2-135M (30 layers, width 576) composed with a second copy of itself: the one real model
 # here whose tokenizer another real model shares is itself. Run only when already converted.
 REAL = Setup(
-    "smollm2-135m-x2", 49152, 576, 30, 576, 30, 9, 1, 32, 16, 16, 5, "smollm2-135m", gen_reps=8
+    "smollm2-135m-x2", 49152, 576, 30, 576, 30, 9, 1, 32, 16, 16, 15, "smollm2-135m", gen_reps=8
 )
 # On a GPU: mid as on CPU (small models: launch-bound), and a ~1.1B anchor (width 2048, 16 layers)
 # with a ~0.2B augmenting model (width 1024, 12 layers) on batches of 8 x 512 tokens.
