@@ -27,8 +27,10 @@ $(DATA_STAMP): $(STAMP)
 	$(BIN)/python -m calm.hub_offline model smollm2-135m
 	touch $(DATA_STAMP)
 
+# tests/test_device.py skips without a GPU; its logic runs once more on the CPU here.
 test: $(STAMP) $(DATA_STAMP)
 	$(BIN)/python -m pytest -q
+	CALM_TEST_DEVICE=cpu $(BIN)/python -m pytest -q tests/test_device.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check calm tests benchmarks
