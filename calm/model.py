@@ -61,11 +61,18 @@ def _replace_hidden(output, hidden: torch.Tensor):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def _mask_kwargs(attention_mask: torch.Tensor | None, past_length: int) -> dict:
+def _mask_kwargs(
+    attention_mask: torch.Tensor | None, past_length: int, padded: bool | None = None
+) -> dict:
     """attention_mask and position_ids for a base model's forward; none when nothing is padded
     (or the mask is None: known unpadded), where the model derives the same positions itself and
-    skips its per-call mask work."""
-    if attention_mask is None or bool(attention_mask.all()):
+    skips its per-call mask work. padded: whether the mask holds a zero, when the caller knows
+    (None: look, one host sync)."""
+    if attention_mask is None:
+        return {}
+    if padded is None:
+        padded = not bool(attention_mask.all())
+    if not padded:
         return {}
     return {
         "attention_mask": attention_mask,
@@ -350,9 +357,10 @@ class CALM(nn.Module):
         attention_mask: torch.Tensor | None,
         cache=None,
         past_length: int = 0,
+        padded: bool | None = None,
     ) -> AugStates:
         """Run augmenting model `index` up to its deepest connected layer; no LM head, no grads.
-        attention_mask None: nothing is padded."""
+        attention_mask None: nothing is padded; padded: see `_mask_kwargs`."""
         aug = self.augments[index]
         device = hf.model_device(aug)
         layers = self._aug_layers[index]
@@ -374,7 +382,7 @@ class CALM(nn.Module):
             attention_mask = attention_mask.to(device)
         kwargs = dict(
             input_ids=input_ids.to(device),
-            **_mask_kwargs(attention_mask, past_length),
+            **_mask_kwargs(attention_mask, past_length, padded),
             **hf.cache_kwargs(hf.backbone(aug), cache),
         )
         try:
@@ -579,12 +587,13 @@ class CALM(nn.Module):
         past_length: int = 0,
         cache=None,
         last_only: bool = False,
+        padded: bool | None = None,
     ) -> torch.Tensor:
         """The anchor's logits, (B, T, V) or (B, V) with last_only; attention_mask None: nothing
-        is padded."""
+        is padded; padded: see `_mask_kwargs`."""
         kwargs = dict(
             input_ids=input_ids,
-            **_mask_kwargs(attention_mask, past_length),
+            **_mask_kwargs(attention_mask, past_length, padded),
             **hf.cache_kwargs(self.anchor, cache),
         )
         if last_only and hf.accepts(self.anchor, "logits_to_keep"):
@@ -801,7 +810,9 @@ class CALM(nn.Module):
                     states = {}
                     for i in range(len(self.augments)):
                         states.update(
-                            self._run_augment(i, step_ids, model_mask, aug_caches[i], past)
+                            self._run_augment(
+                                i, step_ids, model_mask, aug_caches[i], past, padded=padded
+                            )
                         )
                     kv = self._extend_kv(kv, states, blocks, rope)
                     key_masks = [mask] * len(self.augments)
@@ -809,10 +820,12 @@ class CALM(nn.Module):
                 masks = self._masks(key_masks, mask, past, visible, padded if causal else None)
                 with self._composed(kv, masks, blocks, rope):
                     logits = self._anchor_call(
-                        step_ids, model_mask, past, anchor_cache, last_only=True
+                        step_ids, model_mask, past, anchor_cache, last_only=True, padded=padded
                     )
             else:
-                logits = self._anchor_call(step_ids, model_mask, past, anchor_cache, last_only=True)
+                logits = self._anchor_call(
+                    step_ids, model_mask, past, anchor_cache, last_only=True, padded=padded
+                )
             token = next_token(
                 logits,
                 do_sample=do_sample,

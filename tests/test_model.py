@@ -418,3 +418,42 @@ def test_rope_blocks_causal_padding_and_cache(pair):
 def test_rope_needs_causal_mode():
     with pytest.raises(ValueError, match="rope needs mode='causal'"):
         CALMConfig(rope=True, mode="encoder")
+
+
+class _AllOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts `aten.all` (each one a host sync when read with bool()) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ == "all"
+        return func(*args, **(kwargs or {}))
+
+
+def test_generate_checks_padding_once_per_call(pair):
+    """A padded batch is padded at every step: generate looks once (at the prompt), and its
+    masks and calls trust that instead of checking each step (one sync per check on a GPU)."""
+    from calm import model as model_module
+
+    anchor, aug = pair
+    model = CALM(anchor, aug)
+    randomize_blocks(model)
+    ids, mask = left_padded()
+    mask_kwargs = model_module._mask_kwargs
+    with _AllOps() as ops:
+        mask_kwargs(mask, 0, padded=True)
+        model._masks([mask], mask, 0, None, padded=True)
+        model._masks([mask[:, :1]], mask[:, :1], 0, None, padded=False)
+    assert ops.count == 0
+    with _AllOps() as ops:
+        assert mask_kwargs(mask, 0) != {}  # unknown: it looks
+    assert ops.count == 1
+
+    def count(n: int) -> int:
+        with _AllOps() as ops:
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[])
+        return ops.count
+
+    assert count(6) == count(2)  # no check per step
