@@ -416,8 +416,10 @@ class _Run:
             self.acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
         )
 
-    def _all_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
+    def _all_sum(self, values: list) -> list[float]:
+        """Each value (a float or a 0-dim tensor) summed over the processes; one host sync."""
+        device = self.acc.device
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
         if self.world > 1:
             torch.distributed.all_reduce(t)
         return t.tolist()
@@ -429,11 +431,12 @@ class _Run:
         Returns the global loss and the number of real tokens processed by all processes."""
         n_targets = self.data.num_targets(batch)
         pieces = self.my_pieces(batch)
-        loss_sum = 0.0
-        tokens = 0
+        # summed on the device: the step reads them back once, with the gradients' finiteness
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
+        tokens = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         for m, indices in enumerate(pieces):
             inputs = self._device_batch(self.data, indices)
-            tokens += int(inputs["attention_mask"].sum())
+            tokens += inputs["attention_mask"].sum()
             states = self.cache.batch_states(self.calm, indices, inputs) if self.cache else None
             last = m == len(pieces) - 1
             with contextlib.nullcontext() if last else self.acc.no_sync(self.ddp):
@@ -441,13 +444,14 @@ class _Run:
                     logits = self.ddp(**self._model_inputs(inputs), aug_states=states).logits
                 loss = token_loss_sum(logits, inputs["labels"]) / n_targets
                 self.acc.backward(loss * self.world)
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach().double()
         params = self.calm.trainable_parameters()
         grads = [p.grad for p in params if p.grad is not None]
-        # One host sync for all the gradients, summed over processes so that all skip alike
-        # (a sharding engine gives each process only its shard of them).
+        # Non-finite gradients are summed over processes so that all skip alike (a sharding
+        # engine gives each process only its shard of them).
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else True
-        loss_total, tokens_total, bad = self._all_sum([loss_sum, tokens, float(not finite)])
+        bad = torch.logical_not(torch.as_tensor(finite))
+        loss_total, tokens_total, bad = self._all_sum([loss_sum, tokens, bad])
         if math.isfinite(loss_total) and bad == 0:
             if self.cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
