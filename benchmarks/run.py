@@ -1,8 +1,11 @@
 """Benchmark CALM against its plain-torch bound and against calm-pytorch; write JSON and markdown.
 
     python benchmarks/run.py [--quick] [--out DIR] [--threads N] [--device cuda] [--dtype bfloat16]
+                             [--configs mid,large]
 
-Writes DIR/bench.json, DIR/bench.md and DIR/scaling.png. Every ratio compares functions timed in
+Writes DIR/bench.json, DIR/bench.md and DIR/scaling.png (DIR/bench.partial.json after each
+config until then, for a run cut short). `--configs` picks configs by name; scaling runs on the
+last one picked. Every ratio compares functions timed in
 the same run, interleaved rep by rep (see measure.py). Nothing here asserts a timing. On a GPU
 (`--device cuda`) the configs are `GPU` below (mid, and a large pair that fills the GPU better),
 each timed call ends with a device synchronisation, and peak memory is the CUDA allocator's.
