@@ -3,12 +3,12 @@
     python benchmarks/run.py [--quick] [--out DIR] [--threads N] [--device cuda] [--dtype bfloat16]
                              [--configs mid,large]
 
-Writes DIR/bench.json, DIR/bench.md and DIR/scaling.png (DIR/bench.partial.json after each
-config until then, for a run cut short). `--configs` picks configs by name; scaling runs on the
-last one picked. Every ratio compares functions timed in
-the same run, interleaved rep by rep (see measure.py). Nothing here asserts a timing. On a GPU
-(`--device cuda`) the configs are `GPU` below (mid, and a large pair that fills the GPU better),
-each timed call ends with a device synchronisation, and peak memory is the CUDA allocator's.
+Writes DIR/bench.json, DIR/bench.md and DIR/scaling.png (DIR/bench.partial.json after each config
+until then, for a run cut short). `--configs` picks configs by name; scaling runs on the last one
+picked. Every ratio compares functions timed in the same run, interleaved rep by rep (see
+measure.py). Nothing here asserts a timing. On a GPU (`--device cuda`) the configs are `GPU` below
+(mid, and a large pair that fills the GPU better), each timed call ends with a device
+synchronisation, and peak memory is the CUDA allocator's.
 """
 
 from __future__ import annotations
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(
                 f"--configs: no config {sorted(unknown)} here; choose from "
-                f"{[s.name for s in setups]}."
+                f"{[s.name for s in setups] + [REAL.name]}."
             )
         setups = tuple(s for s in setups if s.name in names) or setups[-1:]  # scaling needs one
     with_peer = peers.available() and not gpu  # calm-pytorch's comparison is CPU-only here
