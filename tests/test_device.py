@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import VOCAB, randomize_blocks, tiny_lm
+from test_train import records  # pre-tokenized examples, loss on their second half
 
 from calm import CALM, CALMConfig, hf
 from calm.train import TrainConfig, train
@@ -279,17 +280,6 @@ def test_bf16_base_models(dev, comp_dtype):
 # ----------------------------------------------------------------------------- 4. training
 
 
-def records(n: int = 8, seed: int = 0) -> list[dict]:
-    """Pre-tokenized examples, loss on their second half (as tests/test_train.py)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(5, 12, (1,), generator=g))
-        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2 :]})
-    return out
-
-
 def mean_loss(model: CALM, data: list[dict], device) -> float:
     """Token-weighted mean next-token loss over `data`, one example at a time."""
     total = count = 0.0
@@ -319,7 +309,7 @@ def test_train_on_device_and_load_on_cpu(dev, tmp_path, precision, aug_cache):
         pytest.skip(f"accelerate trains on {picked}, not on {DEVICE}; calm.train takes no device")
     anchor, aug = base_pair(dev)
     model = CALM(anchor, aug, CALMConfig(init="default"))
-    data = records()
+    data = records(8)
     before_loss = mean_loss(model, data, dev)
     before = [p.detach().clone() for p in model.trainable_parameters()]
     config = TrainConfig(
