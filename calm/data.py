@@ -284,14 +284,23 @@ def epoch_batches(
     return [b for b in batches if len(b) >= min_size]
 
 
-def _right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of different lengths -> (B, L) right-padded tensor and its mask (L >= 1)."""
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+PAD_SIDES = ("right", "left")
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], pad_id: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths -> (ids (B, T), mask (B, T)), both long, padded with `pad_id` on
+    `side` ("right" for training batches, "left" for generation prompts); T >= 1."""
+    if side not in PAD_SIDES:
+        raise ValueError(f"side must be one of {PAD_SIDES}, got {side!r}.")
+    width = max(1, max((len(r) for r in rows), default=0))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[b, : len(r)] = 1
+        cols = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[b, cols] = torch.as_tensor(r, dtype=torch.long)
+        mask[b, cols] = 1
     return ids, mask
 
 
@@ -301,17 +310,17 @@ def collate(
     """Right-pad the examples to the longest one: input_ids, attention_mask, labels, (B, T);
     for a TokenizerPair data set also aug_input_ids, aug_attention_mask (B, S_i) and
     aug_visible (B, T), one tensor per augmenting model, padded with `aug_pad_ids[i]` and 0."""
-    ids, mask = _right_pad([data.input_ids[i] for i in indices], pad_id)
-    labels, _ = _right_pad([data.labels[i] for i in indices], IGNORE)
+    ids, mask = pad_rows([data.input_ids[i] for i in indices], pad_id)
+    labels, _ = pad_rows([data.labels[i] for i in indices], IGNORE)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if data.aug_input_ids:
         padded = [
-            _right_pad([rows[i] for i in indices], pad)
+            pad_rows([rows[i] for i in indices], pad)
             for rows, pad in zip(data.aug_input_ids, aug_pad_ids, strict=True)
         ]
         batch["aug_input_ids"] = [x for x, _ in padded]
         batch["aug_attention_mask"] = [m for _, m in padded]
         batch["aug_visible"] = [
-            _right_pad([rows[i] for i in indices], 0)[0] for rows in data.aug_visible
+            pad_rows([rows[i] for i in indices], 0)[0] for rows in data.aug_visible
         ]
     return batch

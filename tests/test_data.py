@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from calm.data import IGNORE, collate, encode, epoch_batches
+from calm.data import IGNORE, collate, encode, epoch_batches, pad_rows
 from calm.pretrain import build_tokenizer
 
 
@@ -99,6 +100,19 @@ def test_collate_right_pads_and_ignores_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7], [8, 9, IGNORE]]
+
+
+def test_pad_rows_right_and_left():
+    ids, mask = pad_rows([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+    ids, mask = pad_rows([(5, 6, 7), (8,)], pad_id=9, side="left")
+    assert ids.tolist() == [[5, 6, 7], [9, 9, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pad_rows([[]], pad_id=0)[0].shape == (1, 1)
+    with pytest.raises(ValueError, match="side must be one of"):
+        pad_rows([[1]], 0, side="middle")
 
 
 def test_epoch_batches_deterministic_and_bucketed():
