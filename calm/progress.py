@@ -1,4 +1,4 @@
-"""Progress bars that stay small in logs: a terminal redraws often, a file or pipe every few seconds."""
+"""Progress bars that stay small in logs: a terminal redraws often, a file every few seconds."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""calm.progress: bars written to a file or pipe redraw rarely; postfix updates do not force a redraw."""
+"""calm.progress: bars written to a file or pipe redraw rarely, postfix updates included."""
 
 import io
 
