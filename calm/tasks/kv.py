@@ -1,4 +1,7 @@
-"""Seeded data generators for the key-value arithmetic task (CALM paper, section 4.1, Table 1).
+"""The key-value arithmetic task (CALM paper, section 4.1, Table 1), registered as `kv`.
+
+Seeded generators draw the map and every data set from it; `held_out_task` (and `calm eval
+--task kv:<data set>`) scores greedy completions of expressions over the keys outside D_C.
 
 Formats (one character per token; `W` = value width, `R` = result width, both zero padded):
 
@@ -19,19 +22,27 @@ result is non-negative (no sign to predict). Multiplication is not used at the d
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from calm.errors import UserError
+from calm.tasks.registry import Example as TaskExample
+from calm.tasks.registry import register
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"
 SYMBOLS = "+-*=|"
-VARIANTS = ("kv_subs", "kv_math", "subs_math")
+VARIANTS = ("kv_subs", "kv_math", "subs_math")  # the D_C variants
+DATA_SETS = ("kv_subs", "num_math", "kv_math")  # what is evaluated
 
 
 @dataclass(frozen=True)
 class KVScale:
-    """The size of one key-value arithmetic task (the paper's is in `PAPER_SCALE`)."""
+    """The size of one key-value arithmetic task (the paper's: 25,000 keys, 3-6 per expression,
+    operators +-*; docs/kv.md)."""
 
     num_keys: int = 200
     min_key_len: int = 2
@@ -64,16 +75,6 @@ class KVScale:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-PAPER_SCALE = {
-    "num_keys": 25_000,
-    "min_key_len": 2,
-    "max_key_len": 6,
-    "min_operands": 3,
-    "max_operands": 6,
-    "operators": "+-*",
-}
 
 
 @dataclass(frozen=True)
@@ -262,3 +263,104 @@ def parse_result(completion: str) -> int | None:
 def parse_subs(completion: str) -> str:
     """The substituted expression of a completion: the text before its first '='."""
     return completion.split("=", 1)[0].strip()
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+MATCHES = ("subs", "result", "exact")
+
+
+def is_correct(match: str, completion: str, ex: Example) -> bool:
+    """Whether `completion` answers `ex`: "subs" compares the text before the first '=' with the
+    substitution, "result" the final number with the result, "exact" the whole completion."""
+    if match == "subs":
+        return parse_subs(completion) == ex.completion
+    if match == "result":
+        return parse_result(completion) == ex.answer
+    return completion == ex.completion
+
+
+@dataclass(frozen=True)
+class KVEval:
+    """Key-value examples as a `calm.evaluate` task: greedy completions up to EOS, scored by
+    `match` (see `is_correct`); metrics {"accuracy": percent}, records {"id", "correct"}."""
+
+    name: str
+    items: tuple[Example, ...]
+    match: str
+    max_new_tokens: int
+    version: str = "1"
+    default_shots: int = 0
+    max_shots: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.match not in MATCHES:
+            raise ValueError(f"match must be one of {MATCHES}, got {self.match!r}.")
+
+    def examples(self, shots: int) -> list[TaskExample]:
+        return [
+            TaskExample(id=f"{self.name}/{i}", prompt=ex.prompt, reference=ex)
+            for i, ex in enumerate(self.items)
+        ]
+
+    def score(self, examples: list[TaskExample], completions: list[list[str]]) -> tuple[dict, list]:
+        records = [
+            {"id": e.id, "correct": is_correct(self.match, cs[0], e.reference)}
+            for e, cs in zip(examples, completions, strict=True)
+        ]
+        if not records:
+            return {}, records
+        return {"accuracy": 100.0 * sum(r["correct"] for r in records) / len(records)}, records
+
+
+def max_new_tokens(scale: KVScale) -> int:
+    """Room for the longest completion of any data set: substitution, '=', scratchpad, EOS."""
+    n, w, rw = scale.max_operands, scale.value_width, scale.result_width
+    return (w * n + n - 1) + (rw * (n - 1) + n - 2) + 2
+
+
+def held_out_task(
+    data_set: str,
+    scale: KVScale | None = None,
+    seed: int = 0,
+    size: int = 300,
+    keys: str = "held_out",
+    draw: int | None = None,
+) -> KVEval:
+    """`size` expressions as `data_set` examples over the keys of the `seed` split: the held-out
+    keys (default) or the D_C keys (`keys="dc"`); `draw` seeds the expressions (default `seed`).
+    KV-SUBS is scored on the substitution, NUM-MATH and KV-MATH on the final number."""
+    if data_set not in DATA_SETS:
+        raise ValueError(f"Unknown key-value data set {data_set!r}; choose one of {DATA_SETS}.")
+    if keys not in ("held_out", "dc"):
+        raise ValueError(f'keys must be "held_out" or "dc", got {keys!r}.')
+    task = KVTask(scale or KVScale())
+    dc_keys, held_keys = task.split_keys(seed)
+    draw = seed if draw is None else draw
+    exprs = task.sample_expressions(
+        size, held_keys if keys == "held_out" else dc_keys, f"eval-{draw}"
+    )
+    match = "subs" if data_set == "kv_subs" else "result"
+    items = tuple(getattr(task, data_set)(e) for e in exprs)
+    return KVEval(f"kv:{data_set}", items, match, max_new_tokens(task.scale))
+
+
+def scale_of(directory: str | Path) -> KVScale:
+    """The scale a key-value base model was trained at (its `pretrain.json`)."""
+    path = Path(directory) / "pretrain.json"
+    if not path.is_file():
+        raise UserError(
+            f"{path} does not exist; pass a base-model folder written by `calm pretrain kv`."
+        )
+    return KVScale(**json.loads(path.read_text())["config"]["scale"])
+
+
+@register("kv", "key-value arithmetic: kv:kv_math|kv_subs|num_math, 300 held-out expressions")
+def make(variant: str | None = None, data: str | None = None) -> KVEval:
+    """The seed-0 evaluation set of `calm reproduce kv`; `data`: a base-model folder whose
+    `pretrain.json` gives the map's scale (default: the shipped models' scale)."""
+    variant = variant or "kv_math"
+    if variant not in DATA_SETS:
+        raise UserError(f"Unknown key-value data set {variant!r}; choose one of {DATA_SETS}.")
+    return held_out_task(variant, scale_of(data) if data else None)

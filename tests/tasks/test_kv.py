@@ -116,3 +116,51 @@ def test_explicit_values_format_like_the_map(task, variant):
     assert ex.prompt == task.key_string(e) + "="
     assert parse_subs(ex.completion) == task.value_string(e, values)
     assert parse_result(ex.completion) == ex.answer == task.evaluate(values, e.ops)[-1]
+
+
+def test_kv_is_registered_with_its_three_data_sets():
+    from calm.tasks.registry import get_task, list_tasks
+
+    assert "kv" in [t.name for t in list_tasks()]
+    assert get_task("kv").name == "kv:kv_math"
+    for data_set in ("kv_subs", "num_math", "kv_math"):
+        task = get_task(f"kv:{data_set}")
+        assert task.name == f"kv:{data_set}" and len(task.examples(0)) == 300
+    with pytest.raises(ValueError, match="data set"):
+        get_task("kv:subs_math")
+
+
+def test_held_out_task_draws_over_the_held_out_keys_of_its_split(task):
+    from calm.tasks.kv import held_out_task
+
+    dc, held = task.split_keys(seed=2)
+    for keys, allowed in (("held_out", held), ("dc", dc)):
+        t = held_out_task("kv_math", task.scale, seed=2, size=50, keys=keys)
+        for e in t.examples(0):
+            assert set(re.findall("[a-z]+", e.prompt)) <= set(allowed)
+    longer = held_out_task("kv_subs", task.scale, seed=2, size=60).examples(0)
+    assert [e.prompt for e in longer[:50]] == [
+        e.prompt for e in held_out_task("kv_subs", task.scale, seed=2, size=50).examples(0)
+    ]
+
+
+def test_held_out_task_scores_substitutions_and_results(task):
+    from calm.tasks.kv import held_out_task, max_new_tokens
+
+    subs = held_out_task("kv_subs", task.scale, size=2)
+    math = held_out_task("kv_math", task.scale, size=2)
+    s_ex, m_ex = subs.examples(0), math.examples(0)
+    right = m_ex[1].reference.completion
+    off = right[:-1] + str((int(right[-1]) + 1) % 10)  # the result's most significant digit
+    metrics, records = math.score(m_ex, [["x=" + m_ex[0].reference.completion], [off]])
+    assert metrics == {"accuracy": 50.0}
+    assert [r["correct"] for r in records] == [True, False]
+    metrics, _ = subs.score(s_ex, [[s_ex[0].reference.completion + "=640|140"], ["000+000-000"]])
+    assert metrics == {"accuracy": 50.0}
+    longest = max(
+        len(task.kv_subs(e).completion) for e in task.sample_expressions(50, task.keys, 0)
+    )
+    longest += max(
+        len(task.num_math(e).completion) for e in task.sample_expressions(50, task.keys, 0)
+    )
+    assert max_new_tokens(task.scale) == longest + 2
