@@ -1,13 +1,14 @@
 """Math word problems (GSM8K, MGSM): chain-of-thought few-shot, scored by final-number exact match.
 
-Data (loaders take a path; the default is `$CALM_DATA`, else the `shared/data` folder next to the
-project checkout): `gsm8k/{train,test}.jsonl` (GSM8K, MIT: question, answer ending "#### N") and
-`mgsm/mgsm_<lang>.tsv` (MGSM, CC-BY-SA-4.0: question TAB number; 250 problems, the first 250 of
-GSM8K test, in en es fr de ru zh ja th sw bn te). Shots (8 by default, at most 8) are the first
-training problems of GSM8K in English, with the "<<...>>" calculator notes removed and the answer
-written "The answer is N." (MGSM's English-exemplar setting). The score is the fraction of
-problems whose extracted number equals the gold number: the number after the last
-"The answer is", else the last number in the completion.
+Data (loaders take a folder; the default is `$CALM_DATA`, else the copy shipped in the package,
+calm/tasks/data/, whose README gives sources and licences): `gsm8k/{train,test}.jsonl` (GSM8K,
+MIT: question, answer ending "#### N") and `mgsm/mgsm_<lang>.tsv` (MGSM, CC-BY-SA-4.0: question
+TAB number; 250 problems, the first 250 of GSM8K test, in en es fr de ru zh ja th sw bn te).
+Shots (8 by default, at most 8) are the first training problems of GSM8K in English, with the
+"<<...>>" calculator notes removed and the answer written "The answer is N." (MGSM's
+English-exemplar setting). The score is the fraction of problems whose extracted number equals
+the gold number: the number after the last "The answer is", else the last number in the
+completion.
 """
 
 from __future__ import annotations
@@ -18,20 +19,22 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from calm.errors import UserError
 from calm.tasks.registry import Example, register
 
+SHIPPED_DATA = Path(__file__).resolve().parent / "data"  # gsm8k/ and mgsm/, package data
 MGSM_LANGUAGES = ("en", "es", "fr", "de", "ru", "zh", "ja", "th", "sw", "bn", "te")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _ANSWER = re.compile(r"answer is\s*:?\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
 
 
 def data_root(data: str | None = None) -> Path:
-    """The folder holding gsm8k/ and mgsm/: `data`, else $CALM_DATA, else ../shared/data."""
+    """The folder holding gsm8k/ and mgsm/: `data`, else $CALM_DATA, else the shipped copy."""
     if data:
         return Path(data)
     if os.environ.get("CALM_DATA"):
         return Path(os.environ["CALM_DATA"])
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    return SHIPPED_DATA
 
 
 def normalize_number(text: str) -> str | None:
@@ -124,7 +127,7 @@ class MathWordProblems:
 def _existing(*paths: Path) -> list[str]:
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(
+            raise UserError(
                 f"{path} does not exist; pass --data DIR (a folder with gsm8k/ and mgsm/) or set "
                 "CALM_DATA."
             )
@@ -134,7 +137,7 @@ def _existing(*paths: Path) -> list[str]:
 @register("gsm8k", "GSM8K test (1,319), 8-shot chain of thought, final-number exact match")
 def make_gsm8k(variant: str | None = None, data: str | None = None) -> MathWordProblems:
     if variant:
-        raise ValueError(f"gsm8k has no variants, got {variant!r}.")
+        raise UserError(f"gsm8k has no variants, got {variant!r}.")
     root = data_root(data) / "gsm8k"
     test, train = _existing(root / "test.jsonl", root / "train.jsonl")
     return MathWordProblems("gsm8k", test, train, False)
@@ -144,7 +147,7 @@ def make_gsm8k(variant: str | None = None, data: str | None = None) -> MathWordP
 def make_mgsm(variant: str | None = None, data: str | None = None) -> MathWordProblems:
     variant = variant or "en"
     if variant not in MGSM_LANGUAGES:
-        raise ValueError(f"Unknown MGSM language {variant!r}; known: {', '.join(MGSM_LANGUAGES)}.")
+        raise UserError(f"Unknown MGSM language {variant!r}; known: {', '.join(MGSM_LANGUAGES)}.")
     root = data_root(data)
     test, train = _existing(root / "mgsm" / f"mgsm_{variant}.tsv", root / "gsm8k" / "train.jsonl")
     return MathWordProblems(f"mgsm:{variant}", test, train, True)

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
+import calm
+from calm.errors import UserError
 from calm.tasks.math import (
+    SHIPPED_DATA,
     MathWordProblems,
+    data_root,
     extract_answer,
     make_gsm8k,
     make_mgsm,
     normalize_number,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -67,7 +78,7 @@ def test_gsm8k_prompt_uses_training_exemplars_and_scores_exact_match(tmp_path):
 
 
 def test_missing_data_names_the_file_and_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--data DIR"):
+    with pytest.raises(UserError, match="--data DIR"):
         make_gsm8k(data=str(tmp_path))
 
 
@@ -82,10 +93,38 @@ def test_mgsm_reads_one_language(tmp_path):
     assert metrics == {"accuracy": 50.0}
 
 
-def test_shipped_data_loads_when_present():
-    try:
-        examples = make_mgsm("te").examples(8)
-    except FileNotFoundError:
-        pytest.skip("shared/data is not next to this checkout")
-    assert len(examples) == 250
+def test_the_default_data_is_inside_the_package_and_loads(monkeypatch, tmp_path):
+    monkeypatch.delenv("CALM_DATA", raising=False)
+    assert data_root() == SHIPPED_DATA
+    assert Path(calm.__file__).resolve().parent in SHIPPED_DATA.parents
     assert len(make_gsm8k().examples(0)) == 1319
+    for language in ("en", "te"):
+        examples = make_mgsm(language).examples(8)
+        assert len(examples) == 250 and examples[0].reference == "18"
+    _write_data(tmp_path)  # $CALM_DATA and `data` still replace it
+    monkeypatch.setenv("CALM_DATA", str(tmp_path))
+    assert len(make_gsm8k().examples(1)) == 1
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_shipped_data_and_its_licences(tmp_path):
+    """`pip install` gets every file under calm/tasks/data (built from a copy: no build/ here)."""
+    source = tmp_path / "src"
+    shutil.copytree(ROOT / "calm", source / "calm", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet"]
+        + ["--wheel-dir", str(tmp_path / "dist"), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    shipped = {
+        f"calm/tasks/data/{p.relative_to(SHIPPED_DATA).as_posix()}"
+        for p in SHIPPED_DATA.rglob("*")
+        if p.is_file()
+    }
+    assert {"calm/tasks/data/gsm8k/LICENSE", "calm/tasks/data/mgsm/LICENSE"} <= shipped
+    assert shipped <= set(zipfile.ZipFile(wheel).namelist())
