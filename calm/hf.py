@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
+from collections.abc import Iterator
 from functools import cache
 
 import torch
@@ -160,3 +162,40 @@ def model_identity(model: PreTrainedModel) -> dict[str, str]:
         "config_hash": config_hash,
         "weights_fingerprint": h.hexdigest()[:16],
     }
+
+
+@contextlib.contextmanager
+def checkpointed_layers(model: PreTrainedModel, enabled: bool = True) -> Iterator[None]:
+    """Within this context, every decoder layer's own `forward` runs under
+    `torch.utils.checkpoint` (recomputed in backward, its activations not kept).
+
+    Only the layer's `forward` is checkpointed, not its `__call__`: forward hooks on the layer
+    (a composition's cross-attention residual) run outside the checkpointed region, so the
+    recomputation in backward, after the hooks are gone, is the layer alone, exactly as in the
+    first pass. `model` is the Hugging Face model that holds the layers (a composition's anchor,
+    a peft model's `get_base_model()`).
+    """
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(decoder_layers(model))
+
+    def wrap(forward):
+        def checkpointed(*args, **kwargs):
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return checkpointed
+
+    own = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's device hooks
+    for layer in layers:
+        layer.forward = wrap(layer.forward)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
