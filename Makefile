@@ -23,8 +23,8 @@ main: $(STAMP)
 DATA_STAMP := $(VENV)/.real-data
 
 $(DATA_STAMP): $(STAMP)
-	$(BIN)/python -m calm.hub_offline data reasoning-gym bible-alignments
-	$(BIN)/python -m calm.hub_offline model smollm2-135m
+	$(BIN)/python tools/hub_offline.py data reasoning-gym bible-alignments
+	$(BIN)/python tools/hub_offline.py model smollm2-135m
 	touch $(DATA_STAMP)
 
 # tests/test_device.py skips without a GPU; its logic runs once more on the CPU here.

@@ -198,11 +198,11 @@ def test_bad_arguments_are_refused():
 
 
 def _smollm2_or_skip():
-    from calm import hub_offline
+    from tools import hub_offline
 
     if not hub_offline.available("smollm2-135m"):
         pytest.skip(
-            "SmolLM2-135M is not converted: run `python -m calm.hub_offline model smollm2-135m`"
+            "SmolLM2-135M is not converted: run `python tools/hub_offline.py model smollm2-135m`"
         )
     pytest.importorskip("sacrebleu")
     path = str(hub_offline.model_dir("smollm2-135m"))

