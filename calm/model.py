@@ -49,6 +49,20 @@ class _FoldedBlocks(list):
         ]
 
 
+def next_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy of (B, T, V) logits, in float32; labels (B, T) are aligned with
+    the inputs (Hugging Face convention: shifted here) and -100 is ignored. reduction: "mean" or
+    "sum" over the counted tokens, as `F.cross_entropy`."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten().to(logits.device),
+        ignore_index=-100,
+        reduction=reduction,
+    )
+
+
 class _StopForward(Exception):
     """Raised by a hook after the last augmenting layer we need: the rest is never computed."""
 
@@ -639,13 +653,7 @@ class CALM(nn.Module):
             kv = self._keys_values(aug_states, self.blocks, rope)
             with self._composed(kv, masks, self.blocks, rope):
                 logits = self._anchor_call(input_ids, attention_mask)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),
-                labels[:, 1:].flatten().to(logits.device),
-                ignore_index=-100,
-            )
+        loss = None if labels is None else next_token_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     # ----------------------------------------------------------------------------- generate
