@@ -62,7 +62,58 @@ def _attend(
     return out.transpose(1, 2).reshape(B, T, H * Dh)
 
 
-class CrossAttentionBlock(nn.Module):
+class _KeysValuesMath:
+    """The key/value half of the block math, written once for the block and its folded forms:
+    each form supplies its maps (`_aug_norm`, `_proj`, `_kv`); this composes them."""
+
+    num_heads: int
+    head_dim: int
+    rope: bool
+
+    def keys_values(
+        self, aug_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, A) augmenting layer outputs -> keys and values, each (B, H, S, Dh).
+
+        rope: the `rope_tables` of the S stream positions, used (and required) when the block
+        has rope."""
+        x = self._proj(self._aug_norm(aug_states))  # (B, S, D)
+        keys, values = self._kv(x, aug_states.shape[:-1])  # (B, H, S, Dh) each
+        if self.rope:
+            keys = rotate(keys, rope)
+        return keys, values
+
+
+class _BlockMath(_KeysValuesMath):
+    """The whole block math, written once: the key/value half, and the query half composed from
+    the form's `_query_norm`, `_q`, `_o` and `_dropout_p`."""
+
+    def forward(
+        self,
+        anchor_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        query_valid: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """(B, T, D) anchor states -> (B, T, D) residual.
+
+        mask: (B, 1, T, S) bool, True where query t may attend key s; every row has a True.
+            None when nothing is padded and the queries are the last T keys' positions with
+            T == S or T == 1: then query t sees keys s <= t (plain causal attention, no mask built).
+        query_valid: (B, T, 1), 0 for rows that must get no residual (nothing to attend, padding);
+            None when every row gets its residual.
+        rope: the `rope_tables` of the queries' T stream positions (for rope).
+        """
+        q = _heads(self._q(self._query_norm(anchor_states)), self.num_heads)  # (B, H, T, Dh)
+        if self.rope:
+            q = rotate(q, rope)
+        out = self._o(_attend(q, keys, values, mask, self._dropout_p()))
+        return out if query_valid is None else out * query_valid
+
+
+class CrossAttentionBlock(_BlockMath, nn.Module):
     """f_proj (A -> D), then cross-attention: queries from the anchor, keys/values from f_proj.
 
     The block returns only the residual f_cross(f_proj(H_A), H_B); the caller adds it to H_B.
@@ -105,52 +156,48 @@ class CrossAttentionBlock(nn.Module):
         if init == "zero":
             nn.init.zeros_(self.o.weight)
 
-    def keys_values(
-        self, aug_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, A) augmenting layer outputs -> keys and values, each (B, H, S, Dh).
+    def _aug_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aug_norm(x)
 
-        rope: the `rope_tables` of the S stream positions, used (and required) when the block
-        has rope."""
-        x = self.proj(self.aug_norm(aug_states))  # (B, S, D)
-        keys = _heads(self.k(x), self.num_heads)
-        if self.rope:
-            keys = rotate(keys, rope)
-        return keys, _heads(self.v(x), self.num_heads)
+    def _proj(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
 
-    def forward(
-        self,
-        anchor_states: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor | None,
-        query_valid: torch.Tensor | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """(B, T, D) anchor states -> (B, T, D) residual.
+    def _kv(self, x: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        return _heads(self.k(x), self.num_heads), _heads(self.v(x), self.num_heads)
 
-        mask: (B, 1, T, S) bool, True where query t may attend key s; every row has a True.
-            None when nothing is padded and the queries are the last T keys' positions with
-            T == S or T == 1: then query t sees keys s <= t (plain causal attention, no mask built).
-        query_valid: (B, T, 1), 0 for rows that must get no residual (nothing to attend, padding);
-            None when every row gets its residual.
-        rope: the `rope_tables` of the queries' T stream positions (for rope).
-        """
-        q = _heads(self.q(self.query_norm(anchor_states)), self.num_heads)  # (B, H, T, Dh)
-        if self.rope:
-            q = rotate(q, rope)
-        out = self.o(_attend(q, keys, values, mask, self.dropout if self.training else 0.0))
-        return out if query_valid is None else out * query_valid
+    def _query_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.query_norm(x)
+
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x)
+
+    def _o(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(x)
+
+    def _dropout_p(self) -> float:
+        return self.dropout if self.training else 0.0
 
     def folded(self) -> FoldedBlock:
         """This block's inference form, from its parameters as they are now (see FoldedBlock)."""
         return FoldedBlock(self)
 
 
-class FoldedBlock:
+class _FoldedNorm(_KeysValuesMath):
+    """The augmenting norm of folded forms: its scale is folded into `proj_weight`."""
+
+    aug_eps: float | None
+
+    def _aug_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aug_eps is None:
+            return x
+        return F.rms_norm(x, x.shape[-1:], eps=self.aug_eps)
+
+
+class FoldedBlock(_FoldedNorm, _BlockMath):
     """A block's inference form: the norms' scales folded into the matrices after them, k and v
     in one matrix; no dropout. Fewer small ops per call, which is what a decoding step pays for.
-    Build one per use: it copies the parameters' values, and training changes them.
+    Build one per use: it copies the parameters' values, and training changes them. Called as
+    the block is (`CrossAttentionBlock.forward`).
 
     Equal to the block up to float rounding: with n(x) = x / rms(x), the block's projection is
     W_p (g * n(x)) + b_p = (W_p diag(g)) n(x) + b_p, and its queries W_q (g' * n(y)) =
@@ -187,42 +234,32 @@ class FoldedBlock:
             self.proj_weight.device,
         )
 
-    def keys_values(
-        self, aug_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `CrossAttentionBlock.keys_values`."""
-        x = aug_states
-        if self.aug_eps is not None:
-            x = F.rms_norm(x, x.shape[-1:], eps=self.aug_eps)
-        B, S, _ = x.shape
-        x = F.linear(x, self.proj_weight, self.proj_bias)  # (B, S, D)
+    __call__ = _BlockMath.forward
+
+    def _proj(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.proj_weight, self.proj_bias)
+
+    def _kv(self, x: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S = lead
         kv = F.linear(x, self.kv_weight).view(B, S, 2, self.num_heads, self.head_dim)
-        keys, values = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, Dh) each
-        if self.rope:
-            keys = rotate(keys, rope)
-        return keys, values
+        return kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, Dh) each
 
-    def __call__(
-        self,
-        anchor_states: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor | None,
-        query_valid: torch.Tensor | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """As `CrossAttentionBlock.forward`."""
-        x = anchor_states
-        if self.query_eps is not None:
-            x = F.rms_norm(x, x.shape[-1:], eps=self.query_eps)
-        q = _heads(F.linear(x, self.q_weight), self.num_heads)  # (B, H, T, Dh)
-        if self.rope:
-            q = rotate(q, rope)
-        out = F.linear(_attend(q, keys, values, mask), self.o_weight)
-        return out if query_valid is None else out * query_valid
+    def _query_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.query_eps is None:
+            return x
+        return F.rms_norm(x, x.shape[-1:], eps=self.query_eps)
+
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.q_weight)
+
+    def _o(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.o_weight)
+
+    def _dropout_p(self) -> float:
+        return 0.0
 
 
-class FoldedGroup:
+class FoldedGroup(_FoldedNorm):
     """The key/value side of several folded blocks that read states of one shape, batched: one
     stacked norm and two batched matmuls per call for the whole group, instead of those ops once
     per block. Decoding computes every block's keys/values for each new augmenting token, and at
@@ -246,17 +283,19 @@ class FoldedGroup:
         self, aug_states: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One (B, S, A) state per block -> each block's keys and values, (B, H, S, Dh) each;
-        as each `FoldedBlock.keys_values` up to float rounding."""
-        x = torch.stack(aug_states)  # (G, B, S, A)
-        G, B, S, A = x.shape
-        if self.aug_eps is not None:
-            x = F.rms_norm(x, (A,), eps=self.aug_eps)
-        x = torch.baddbmm(self.proj_bias, x.reshape(G, B * S, A), self.proj_t)  # (G, BS, D)
-        kv = torch.bmm(x, self.kv_t).view(G, B, S, 2, self.num_heads, self.head_dim)
-        keys, values = kv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (G, B, H, S, Dh) each
-        if self.rope:
-            keys = rotate(keys, rope)  # the (B, 1, S, Dh/2) tables broadcast over G
+        as each `FoldedBlock.keys_values` up to float rounding (the rope tables broadcast over
+        the group)."""
+        keys, values = super().keys_values(torch.stack(aug_states), rope)  # (G, B, H, S, Dh)
         return list(zip(keys.unbind(0), values.unbind(0), strict=True))
+
+    def _proj(self, x: torch.Tensor) -> torch.Tensor:
+        G, B, S, A = x.shape
+        return torch.baddbmm(self.proj_bias, x.reshape(G, B * S, A), self.proj_t)  # (G, BS, D)
+
+    def _kv(self, x: torch.Tensor, lead: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        G, B, S = lead
+        kv = torch.bmm(x, self.kv_t).view(G, B, S, 2, self.num_heads, self.head_dim)
+        return kv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (G, B, H, S, Dh) each
 
 
 def attention_mask(
