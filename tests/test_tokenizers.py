@@ -420,9 +420,9 @@ def test_append_eos_and_labels(toks):
 def test_real_pair_smollm2_into_gemma3():
     """SmolLM2-135M (augmenting) composed into Gemma-3-270M (anchor): identity at init, aligned
     prefixes, a few training steps, cached generation equal to full recomputation."""
-    hub = pytest.importorskip("calm.hub_offline")
+    hub = pytest.importorskip("tools.hub_offline")
     if not (hub.available("smollm2-135m") and hub.available("gemma3-270m")):
-        pytest.skip("run `python -m calm.hub_offline model smollm2-135m` and `... gemma3-270m`")
+        pytest.skip("run `python -m tools.hub_offline model smollm2-135m` and `... gemma3-270m`")
     gemma_dir, smol_dir = hub.model_dir("gemma3-270m"), hub.model_dir("smollm2-135m")
     pair = TokenizerPair(
         T.AutoTokenizer.from_pretrained(gemma_dir), T.AutoTokenizer.from_pretrained(smol_dir)
