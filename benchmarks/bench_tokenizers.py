@@ -25,23 +25,16 @@ import torch
 import transformers as T
 from transformers import AutoTokenizer
 
-from calm import CALM, CALMConfig
+from calm import CALM, CALMConfig, hf
 from calm.hub_offline import model_dir
 from calm.tokenizers import TextStream, TokenizerPair
 
 
 def lm(vocab: int, width: int, layers: int, seed: int) -> T.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = T.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=4 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-    )
-    return T.LlamaForCausalLM(config).eval()
+    return hf.tiny_llama(
+        vocab, width, layers, heads=8, kv_heads=4, intermediate_size=4 * width,
+        max_positions=4096, seed=seed, pad_token_id=None,
+    )  # fmt: skip
 
 
 def timed(fns, repeats: int) -> list[float]:

@@ -10,28 +10,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-import transformers as T
 from torch import nn
 
 from calm import hf
-
-
-def llama(vocab: int, width: int, layers: int, heads: int, seed: int) -> T.LlamaForCausalLM:
-    """A random Llama causal LM in eval mode (float32, SDPA attention)."""
-    torch.manual_seed(seed)
-    config = T.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=4 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return T.LlamaForCausalLM(config).eval()
 
 
 class Block(nn.Module):

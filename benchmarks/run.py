@@ -27,7 +27,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # calm-pytorch's sampler draws a pro
 import torch  # noqa: E402
 
 import calm  # noqa: E402
-from calm import CALM, CALMConfig, Connection  # noqa: E402
+from calm import CALM, CALMConfig, Connection, hf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import measure  # noqa: E402
@@ -102,6 +102,13 @@ GPU = (
 )
 
 
+def random_llama(s: Setup, width: int, layers: int, seed: int):
+    """A random Llama of the setup's vocabulary and heads (4x-wide MLP, 2,048 positions)."""
+    return hf.tiny_llama(
+        s.vocab, width, layers, s.heads, intermediate_size=4 * width, max_positions=2048, seed=seed
+    )
+
+
 def models(s: Setup, target: Target = CPU):
     if s.checkpoint is not None:
         from transformers import AutoModelForCausalLM
@@ -113,8 +120,8 @@ def models(s: Setup, target: Target = CPU):
         anchor, aug = load(path).eval(), load(path).eval()
     else:
         with torch.device(target.device):  # initialised where they run (faster on a GPU)
-            anchor = reference.llama(s.vocab, s.anchor_width, s.anchor_layers, s.heads, seed=0)
-            aug = reference.llama(s.vocab, s.aug_width, s.aug_layers, s.heads, seed=1)
+            anchor = random_llama(s, s.anchor_width, s.anchor_layers, seed=0)
+            aug = random_llama(s, s.aug_width, s.aug_layers, seed=1)
     dtype = getattr(torch, target.dtype)
     return anchor.to(target.device, dtype), aug.to(target.device, dtype)
 

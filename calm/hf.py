@@ -11,7 +11,7 @@ from functools import cache
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 # Where the decoder-layer stack lives, for the architectures we test. Anything else is found
 # generically: the ModuleList whose length is the config's number of hidden layers.
@@ -137,16 +137,26 @@ def position_ids(attention_mask: torch.Tensor, past_length: int = 0) -> torch.Te
     return pos[:, past_length:]
 
 
-def model_identity(model: PreTrainedModel) -> dict[str, str]:
-    """Class, config hash and a weight fingerprint: tells apart two checkpoints of one architecture.
+def model_identity(model: PreTrainedModel, weights: bool = True) -> dict[str, str]:
+    """Class, name or path, config hash and a weight fingerprint: tells apart two checkpoints of
+    one architecture. The one model-identity hash of the project (checkpoints, the trainer's
+    state and `calm.evaluate`'s results all use it); `weights=False` skips the fingerprint.
 
-    The fingerprint hashes a fixed sample of every parameter after rounding to bfloat16, so the same
-    checkpoint loaded in float32 or bfloat16 gets the same fingerprint.
+    The config hash leaves out the keys that change between saves of one model (path, dtype,
+    transformers version). The fingerprint hashes a fixed sample of every parameter after rounding
+    to bfloat16, so the same checkpoint loaded in float32 or bfloat16 gets the same fingerprint.
     """
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     config_hash = hashlib.sha256(
         json.dumps(config, sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
+    identity = {
+        "class": type(model).__name__,
+        "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
+        "config_hash": config_hash,
+    }
+    if not weights:
+        return identity
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
@@ -156,12 +166,44 @@ def model_identity(model: PreTrainedModel) -> dict[str, str]:
             sample = flat[idx].to(torch.bfloat16).float().cpu()
             h.update(name.encode())
             h.update(sample.numpy().tobytes())
-    return {
-        "class": type(model).__name__,
-        "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
-        "config_hash": config_hash,
-        "weights_fingerprint": h.hexdigest()[:16],
-    }
+    return identity | {"weights_fingerprint": h.hexdigest()[:16]}
+
+
+def tiny_llama(
+    vocab_size: int,
+    hidden_size: int = 32,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_positions: int = 128,
+    seed: int | None = None,
+    **config_overrides,
+) -> LlamaForCausalLM:
+    """A small randomly initialised `LlamaForCausalLM` built from a config (no download), in eval
+    mode like a loaded model. `kv_heads` defaults to `heads`, `intermediate_size` to twice
+    `hidden_size`; token ids are pad 0, bos 1, eos 2 unless `config_overrides` (any other
+    `LlamaConfig` field) say otherwise. With `seed`, `torch.manual_seed(seed)` runs first, so the
+    same arguments give the same weights.
+    """
+    config = LlamaConfig(
+        **{
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size or 2 * hidden_size,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads or heads,
+            "max_position_embeddings": max_positions,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        }
+        | config_overrides
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
 
 
 @contextlib.contextmanager

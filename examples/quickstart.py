@@ -5,27 +5,13 @@ Runs in seconds on a CPU; swap in any pair of Hugging Face causal LMs that share
 """
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import calm
+from calm.hf import tiny_llama
 
-
-def tiny_llama(width: int, layers: int, seed: int):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return AutoModelForCausalLM.from_config(config)
-
-
-anchor = tiny_llama(64, 4, seed=0)  # the model to extend
-augment = tiny_llama(32, 8, seed=1)  # the specialist
+# Two random Llamas of 128 tokens (any HF causal LMs sharing a tokenizer work the same way).
+anchor = tiny_llama(128, hidden_size=64, layers=4, seed=0)  # the model to extend
+augment = tiny_llama(128, hidden_size=32, layers=8, seed=1)  # the specialist
 
 model = calm.CALM(anchor, augment, calm.CALMConfig())  # every 4th augmenting layer
 print("connections:", model.connections)

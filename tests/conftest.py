@@ -6,64 +6,83 @@ import pytest
 import torch
 import transformers as T
 
+from calm.hf import tiny_llama
+
 VOCAB = 97
 
 
-def _llama_like(cls, width=32, layers=4, heads=4, kv_heads=2, **extra):
-    return cls(
-        vocab_size=VOCAB,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **extra,
+def _llama_like(cls, width, layers, vocab, **extra):
+    """A model of another family shaped like `tiny_llama`'s (4 heads, 2 key-value heads)."""
+    return T.AutoModelForCausalLM.from_config(
+        cls(
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **extra,
+        )
     )
 
 
-CONFIGS = {
-    "llama": lambda w, n: _llama_like(T.LlamaConfig, w, n),
-    "qwen2": lambda w, n: _llama_like(T.Qwen2Config, w, n),
-    "mistral": lambda w, n: _llama_like(T.MistralConfig, w, n),
-    "gemma": lambda w, n: _llama_like(T.GemmaConfig, w, n, head_dim=w // 4),
-    "gemma3": lambda w, n: _llama_like(T.Gemma3TextConfig, w, n, head_dim=w // 4, sliding_window=8),
-    "phi3": lambda w, n: _llama_like(T.Phi3Config, w, n),
-    "gpt2": lambda w, n: T.GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=w,
-        n_layer=n,
-        n_head=4,
-        n_positions=128,
-        bos_token_id=1,
-        eos_token_id=2,
+def _from_config(config):
+    return T.AutoModelForCausalLM.from_config(config)
+
+
+# family -> build(width, layers, vocab): a random model of that family, built from a config
+FAMILIES = {
+    "llama": lambda w, n, v: tiny_llama(v, w, n, kv_heads=2),
+    "qwen2": lambda w, n, v: _llama_like(T.Qwen2Config, w, n, v),
+    "mistral": lambda w, n, v: _llama_like(T.MistralConfig, w, n, v),
+    "gemma": lambda w, n, v: _llama_like(T.GemmaConfig, w, n, v, head_dim=w // 4),
+    "gemma3": lambda w, n, v: _llama_like(
+        T.Gemma3TextConfig, w, n, v, head_dim=w // 4, sliding_window=8
     ),
-    "gpt_neox": lambda w, n: T.GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=w,
-        intermediate_size=2 * w,
-        num_hidden_layers=n,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
-    "opt": lambda w, n: T.OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=w,
-        ffn_dim=2 * w,
-        num_hidden_layers=n,
-        num_attention_heads=4,
-        word_embed_proj_dim=w,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
+    "phi3": lambda w, n, v: _llama_like(T.Phi3Config, w, n, v),
+    "gpt2": lambda w, n, v: _from_config(
+        T.GPT2Config(
+            vocab_size=v,
+            n_embd=w,
+            n_layer=n,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ),  # fmt: skip
+    "gpt_neox": lambda w, n, v: _from_config(
+        T.GPTNeoXConfig(
+            vocab_size=v,
+            hidden_size=w,
+            intermediate_size=2 * w,
+            num_hidden_layers=n,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ),  # fmt: skip
+    "opt": lambda w, n, v: _from_config(
+        T.OPTConfig(
+            vocab_size=v,
+            hidden_size=w,
+            ffn_dim=2 * w,
+            num_hidden_layers=n,
+            num_attention_heads=4,
+            word_embed_proj_dim=w,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ),  # fmt: skip
 }
+CONFIGS = FAMILIES  # the old name, until tests/test_architectures.py imports FAMILIES
 
 
 def tiny_lm(
@@ -77,10 +96,7 @@ def tiny_lm(
     """A randomly initialised causal LM of the given family, in eval mode; `vocab` tokens (another
     tokenizer's vocabulary size where a test tokenizes real text)."""
     torch.manual_seed(seed)
-    config = CONFIGS[family](width, layers)
-    config.vocab_size = vocab
-    model = T.AutoModelForCausalLM.from_config(config)
-    return model.to(dtype).eval()
+    return FAMILIES[family](width, layers, vocab).to(dtype).eval()
 
 
 @pytest.fixture

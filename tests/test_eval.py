@@ -10,6 +10,7 @@ import torch
 import transformers as T
 
 import calm
+from calm import hf
 from calm.eval import evaluate
 from calm.tasks.registry import Example, cut_at_stop, get_task, list_tasks
 
@@ -83,13 +84,10 @@ class EchoTask:
 
 
 def tiny_llama(seed: int, layers: int = 2) -> T.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = T.LlamaConfig(
-        vocab_size=ByteTokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS,
+    return hf.tiny_llama(
+        ByteTokenizer.vocab_size, 32, layers, kv_heads=2, max_positions=256, seed=seed,
+        eos_token_id=EOS, bos_token_id=EOS,
     )  # fmt: skip
-    return T.LlamaForCausalLM(config).eval()
 
 
 def test_registry_lists_every_task_and_refuses_unknown_names():
