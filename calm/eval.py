@@ -15,7 +15,6 @@ at the task's first stop string before scoring.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import platform
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 import calm
+from calm import hf
 from calm.tasks.registry import Example, Task, check_shots, cut_at_stop, get_task
 
 
@@ -71,32 +71,31 @@ class EvalResult:
         return path, md, samples
 
 
-def base_identity(model: Any) -> dict:
-    """Class, name or path, a hash of the config and the parameter count of one HF model."""
+def _base_identity(model: Any) -> dict:
+    """Class, name or path, config hash (`hf.model_identity`'s) and parameter count of one model."""
     identity = {"class": type(model).__name__}
-    config = getattr(model, "config", None)
-    if config is not None:
-        identity["name_or_path"] = str(getattr(config, "_name_or_path", "") or "")
-        text = json.dumps(config.to_dict(), sort_keys=True, default=str)
-        identity["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if getattr(model, "config", None) is not None:
+        hashed = hf.model_identity(model, weights=False)
+        identity["name_or_path"] = hashed["name_or_path"]
+        identity["config_sha256"] = hashed["config_hash"]
     if hasattr(model, "parameters"):
         identity["num_parameters"] = sum(p.numel() for p in model.parameters())
     return identity
 
 
-def model_identity(model: Any, name: str | None = None) -> dict:
+def evaluated_identity(model: Any, name: str | None = None) -> dict:
     """Who was evaluated: the model's identity and, for CALM, its anchor, augments, connections."""
     if isinstance(model, calm.CALM):
         return {
             "name": name,
             "class": "CALM",
-            "anchor": base_identity(model.anchor),
-            "augments": [base_identity(a) for a in model.augments],
+            "anchor": _base_identity(model.anchor),
+            "augments": [_base_identity(a) for a in model.augments],
             "connections": [dataclasses.asdict(c) for c in model.connections],
             "num_trainable_parameters": model.num_trainable_parameters(),
         }
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    identity = {"name": name, **base_identity(base)}
+    identity = {"name": name, **_base_identity(base)}
     if base is not model:
         identity["wrapper"] = type(model).__name__
         identity["adapters"] = sorted(getattr(model, "peft_config", {}) or {})
@@ -242,7 +241,7 @@ def evaluate(
         for e, c, r in zip(examples, completions, records)
     ]
     metadata = {
-        "model": model_identity(model, model_name),
+        "model": evaluated_identity(model, model_name),
         "task": task.name,
         "task_version": task.version,
         "shots": shots,

@@ -40,7 +40,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-STATUSES = ("passed", "failed", "timeout")
 _UID_BASE = 1_770_000_000  # fresh uids for sandboxed children: far above any real account
 _UID_SPAN = 100_000_000
 _counter = itertools.count()

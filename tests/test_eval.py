@@ -129,6 +129,15 @@ def test_results_carry_what_reproduces_them_and_are_written(tmp_path):
     assert meta["num_examples"] == 2 and len(result.samples) == 2
     assert meta["model"]["name"] == "tiny" and meta["model"]["class"] == "LlamaForCausalLM"
     assert meta["model"]["num_parameters"] == sum(p.numel() for p in model.parameters())
+    # The one model-identity hash: the config hash of hf.model_identity, as checkpoints record it.
+    assert meta["model"]["config_sha256"] == hf.model_identity(model)["config_hash"]
+    assert set(meta["model"]) == {
+        "name",
+        "class",
+        "name_or_path",
+        "config_sha256",
+        "num_parameters",
+    }
     assert {"torch", "transformers", "calm", "python"} <= set(meta["versions"])
     path, md, samples = result.write(tmp_path / "out" / "results.json")
     saved = json.loads(path.read_text())
