@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 import calm
 from calm import hf
+from calm.progress import bar
 from calm.tasks.registry import Example, Task, check_shots, cut_at_stop, get_task
 
 
@@ -160,7 +160,7 @@ def generate_completions(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        bar = tqdm(total=len(jobs), desc="generating", unit="sample", disable=not progress)
+        shown = bar(total=len(jobs), desc="generating", unit="sample", disable=not progress)
         for b, start in enumerate(range(0, len(jobs), batch_size)):
             batch = jobs[start : start + batch_size]
             prompts = [p for _, p in batch]
@@ -177,8 +177,8 @@ def generate_completions(
             for (i, _), row in zip(batch, new):
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 out[i].append(cut_at_stop(text, stop))
-            bar.update(len(batch))
-        bar.close()
+            shown.update(len(batch))
+        shown.close()
     finally:
         tokenizer.padding_side = side
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -158,6 +159,20 @@ def test_greedy_is_deterministic_and_sampling_is_seeded():
     ]
     assert sample[0] == sample[1] and sample[0] != sample[2]
     assert all(len(s["completions"]) == 3 for s in sample[0])
+
+
+class SlowCannedModel(CannedModel):
+    def generate(self, *args, **kwargs):
+        time.sleep(0.025)
+        return super().generate(*args, **kwargs)
+
+
+def test_the_progress_bar_redraws_rarely_in_a_log(capsys):
+    tok = ByteTokenizer()
+    model = SlowCannedModel({f"say {w}:": f" {w}" for w in "abc"}, tok)
+    evaluate(model, EchoTask(), tokenizer=tok, batch_size=1, num_samples=12)
+    err = capsys.readouterr().err  # not a terminal: 36 updates in ~1 s, drawn at start and end
+    assert "generating" in err and "36/36" in err and err.count("\r") <= 3, err.count("\r")
 
 
 def test_batching_and_padding_side_are_restored():
