@@ -5,14 +5,15 @@ import json
 import pytest
 import torch
 
-from calm.pretrain import (
-    ModelShape,
+from calm.recipes.kv.bases import ModelShape, build_tokenizer, load_bases
+from calm.recipes.kv.pretrain import (
     PretrainConfig,
-    build_tokenizer,
-    encode_examples,
-    eval_examples,
-    exact_match,
+    gate_accuracy,
+    gate_examples,
+    gate_task,
     pretrain,
+    training_batch,
+    training_source,
 )
 from calm.tasks.kv import Example, KVScale, KVTask
 
@@ -30,17 +31,29 @@ def test_tokenizer_is_one_token_per_character():
 
 def test_labels_cover_only_the_completion_and_eos():
     tok = build_tokenizer()
-    ids, mask, labels = encode_examples(tok, [Example("ab=", "01"), Example("abc+de=", "02+03")])
+    stream = iter([Example("ab=", "01"), Example("xy=", "09"), Example("abc+de=", "02+03")])
+    cfg = PretrainConfig(batch_size=2)
+    batch = training_batch(lambda rng: next(stream), cfg, 0, tok, held={"xy="})  # gate: skipped
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert ids.shape == mask.shape == labels.shape == (2, 14)
     assert labels[0].tolist()[:4] == [-100] * 4  # BOS + "ab="
     assert tok.decode(labels[0][4:6]) == "01" and labels[0][6] == tok.eos_token_id
     assert (labels[0][7:] == -100).all() and mask[0].sum() == 7
+    assert tok.decode(ids[1], skip_special_tokens=True) == "abc+de=02+03"
 
 
 def test_gate_set_is_never_trained_on():
     task = KVTask(MICRO)
-    gate = {ex.prompt for ex in eval_examples(task, "mB", 50)}
+    gate = {ex.prompt for ex in gate_examples(task, "mB", 50)}
     assert len(gate) == 50
+    tiny = KVTask(KVScale(num_keys=5, max_key_len=2))  # few expressions: the gate is often drawn
+    gate = {ex.prompt for ex in gate_examples(tiny, "mB", 30)}
+    cfg, tok = PretrainConfig(model="mB", scale=tiny.scale, batch_size=64), build_tokenizer()
+    draw = training_source(tiny, "mB")
+    for held, overlaps in ((set(), True), (gate, False)):
+        batch = training_batch(draw, cfg, 0, tok, held)
+        prompts = {p.split("=")[0] + "=" for p in tok.batch_decode(batch["input_ids"], True)}
+        assert bool(prompts & gate) is overlaps
 
 
 def test_bad_model_name_raises():
@@ -72,11 +85,9 @@ def test_micro_pretrain_writes_model_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_models_meet_their_gates():
-    from calm.kv_reproduce import load_bases
-
     torch.manual_seed(0)
     bases = load_bases()
     task = KVTask(bases.scale)
     for name, gate in (("mA", 0.95), ("mB", 0.85)):
-        sample = eval_examples(task, name, 100)
-        assert exact_match(bases.models[name], bases.tokenizer, sample) >= gate - 0.03
+        sample = gate_task(name, gate_examples(task, name, 100))
+        assert gate_accuracy(bases.models[name], bases.tokenizer, sample) >= gate - 0.03

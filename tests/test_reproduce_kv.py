@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from calm.kv_reproduce import ReproduceConfig, run_reproduction
-from calm.pretrain import ModelShape, PretrainConfig, pretrain
+from calm.recipes.kv.bases import ModelShape, load_bases
+from calm.recipes.kv.pretrain import PretrainConfig, pretrain
+from calm.recipes.kv.reproduce import ReproduceConfig, lora_model, run_reproduction
 from calm.tasks.kv import KVScale
 
 MICRO = KVScale(num_keys=20, max_key_len=3)
@@ -81,29 +82,28 @@ def test_bad_training_settings_raise(field, value, message):
 
 @pytest.mark.slow
 def test_lora_gets_the_composition_dropout(bases_dir):
-    from calm.kv_reproduce import _lora_model, load_bases
-
     mB = load_bases(bases_dir).models["mB"]
-    lora, rank = _lora_model(mB, 1000, dropout=0.1)
+    lora, rank = lora_model(mB, 1000, dropout=0.1)
     drops = [m for n, m in lora.named_modules() if n.endswith("lora_dropout.default")]
     assert rank >= 1 and drops and all(m.p == 0.1 for m in drops)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("wiring", [[], ["--connections", "3:3"]])
-def test_memorization_script_reports_both_key_sets(wiring):
+def test_memorization_probe_reports_both_key_sets(wiring, tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).parents[1] / "scripts" / "kv_memorization.py"
+    probe = [sys.executable, "-m", "calm.recipes.kv.memorization", "--out", str(tmp_path)]
     out = subprocess.run(
-        [sys.executable, str(script), "--steps", "2", "--eval-every", "2", *wiring],
+        [*probe, "--steps", "3", "--eval-every", "2", *wiring],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert "step 2 " in out and "held-out KV-SUBS" in out and "D_C-key KV-SUBS" in out
+    lines = out.splitlines()
+    assert [line.split()[1] for line in lines] == ["2", "3"]  # a piece of 2 steps, then 1 more
+    assert all("held-out KV-SUBS" in line and "D_C-key KV-SUBS" in line for line in lines)
 
 
 @pytest.mark.parametrize(("field", "value"), [("fake_keys", -0.1), ("fake_keys", 0.75)])
@@ -116,14 +116,14 @@ def test_self_labelled_examples_carry_mAs_own_values():
     """Examples over non-keys: the substitution is mA's greedy output, the rest computed on it."""
     import re
 
-    from calm.kv_reproduce import complete, load_bases, self_labelled
+    from calm.recipes.kv.data import greedy, self_labelled
     from calm.tasks.kv import KVTask, parse_result, parse_subs
 
     bases = load_bases()
     task, mA, tok = KVTask(bases.scale), bases.models["mA"], bases.tokenizer
     data = self_labelled(task, mA, tok, "subs_math", 40, seed=0)
     assert len(data) == 40
-    written = complete(mA, tok, [ex.prompt for ex in data], 13)
+    written = greedy(mA, tok, [ex.prompt for ex in data], 13)
     for ex, got in zip(data, written, strict=True):
         assert not set(re.findall("[a-z]+", ex.prompt)) & set(task.kv)
         subs = parse_subs(ex.completion)
@@ -135,7 +135,7 @@ def test_self_labelled_examples_carry_mAs_own_values():
 
 def test_dc_data_with_an_untrained_mA_keeps_the_key_examples(bases_dir):
     """A mA that writes no well-formed values yields few or no fake-key examples, no error."""
-    from calm.kv_reproduce import dc_data, load_bases
+    from calm.recipes.kv.data import dc_data
     from calm.tasks.kv import KVTask
 
     bases = load_bases(bases_dir)

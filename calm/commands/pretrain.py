@@ -6,7 +6,8 @@ import argparse
 import json
 
 from calm.commands._options import Options, add_config_options, config_values
-from calm.pretrain import BASE_MODELS, ModelShape, PretrainConfig, pretrain
+from calm.recipes.kv.bases import BASE_MODELS, ModelShape
+from calm.recipes.kv.pretrain import PretrainConfig, pretrain
 from calm.tasks.kv import KVScale
 
 HELP = "Train a key-value base model (mA: KV-SUBS, mB: arithmetic, vanilla_mA: another map)."

@@ -49,33 +49,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calm.kv_reproduce import ReproduceConfig, pretrain_bases, run_reproduction
+    from calm.recipes.kv.pretrain import pretrain_bases
+    from calm.recipes.kv.reproduce import ReproduceConfig, run_reproduction
 
-    variant = "subs_math" if args.variant == "all" else args.variant
+    flags = {
+        "steps": args.steps,
+        "learning_rate": args.lr,
+        "dropout": args.dropout,
+        "fake_keys": args.fake_keys,
+        "dc_size": args.dc_size,
+        "eval_size": args.eval_size,
+        "rope": False if args.no_rope else None,
+    }
     make = ReproduceConfig.quick if args.quick else ReproduceConfig
     cfg = make(
         out_dir=args.out,
         seed=args.seed,
-        variant=variant,
+        variant="subs_math" if args.variant == "all" else args.variant,
         all_variants=args.variant == "all",
         ablations=args.ablations,
         bases_dir=args.bases,
         threads=args.threads,
+        **{k: v for k, v in flags.items() if v is not None},
     )
-    if args.steps is not None:
-        cfg = replace(cfg, steps=args.steps)
-    if args.no_rope:
-        cfg = replace(cfg, rope=False)
-    if args.lr is not None:
-        cfg = replace(cfg, learning_rate=args.lr)
-    if args.dropout is not None:
-        cfg = replace(cfg, dropout=args.dropout)
-    if args.fake_keys is not None:
-        cfg = replace(cfg, fake_keys=args.fake_keys)
-    if args.dc_size is not None:
-        cfg = replace(cfg, dc_size=args.dc_size)
-    if args.eval_size is not None:
-        cfg = replace(cfg, eval_size=args.eval_size)
     if args.from_scratch:
         bases_dir = Path(args.out) / "bases"
         pretrain_bases(bases_dir, quick=args.quick)
