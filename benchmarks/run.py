@@ -1,7 +1,7 @@
 """Benchmark CALM against its plain-torch bound and against calm-pytorch; write JSON and markdown.
 
-    python benchmarks/run.py [--quick] [--out DIR] [--threads N] [--device cuda] [--dtype bfloat16]
-                             [--configs mid,large]
+    python -m benchmarks [--quick] [--out DIR] [--threads N] [--device cuda] [--dtype bfloat16]
+                         [--configs mid,large]
 
 Writes DIR/bench.json, DIR/bench.md and DIR/scaling.png (DIR/bench.partial.json after each config
 until then, for a run cut short). `--configs` picks configs by name; scaling runs on the last one
@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import platform
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,12 +26,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # calm-pytorch's sampler draws a pro
 import torch  # noqa: E402
 
 import calm  # noqa: E402
+from benchmarks import measure, peers, reference  # noqa: E402
 from calm import CALM, CALMConfig, Connection, hf  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-import measure  # noqa: E402
-import peers  # noqa: E402
-import reference  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,7 @@ class Setup:
     prompt: int
     new_tokens: int
     reps: int
-    checkpoint: str | None = None  # a calm.hub_offline model used as both anchor and augment
+    checkpoint: str | None = None  # a tools/hub_offline.py model used as anchor and augment
     gen_reps: int | None = None  # generation reps against the bound (default 2 * reps // 3)
 
     @property
@@ -113,7 +108,7 @@ def models(s: Setup, target: Target = CPU):
     if s.checkpoint is not None:
         from transformers import AutoModelForCausalLM
 
-        from calm import hub_offline
+        from tools import hub_offline
 
         path = hub_offline.model_dir(s.checkpoint)
         load = AutoModelForCausalLM.from_pretrained
@@ -127,7 +122,7 @@ def models(s: Setup, target: Target = CPU):
 
 
 def real_available() -> bool:
-    from calm import hub_offline
+    from tools import hub_offline
 
     return hub_offline.available(REAL.checkpoint)
 
@@ -493,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         report["configs"][REAL.name] = section(REAL, with_peer=False, target=target)
     else:
         report["real_pair_note"] = "skipped: quick mode, or SmolLM2-135M not converted (" + (
-            "python -m calm.hub_offline model smollm2-135m)"
+            "python tools/hub_offline.py model smollm2-135m)"
         )
     last = setups[-1]  # the largest config: scaling is measured on it
     lengths = (16, 32) if args.quick else (128, 256, 512, 1024) if gpu else (32, 64, 128, 256)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import benchmarks.investigations
+from benchmarks import measure, reference
+from calm import CALM
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = (
@@ -24,7 +30,8 @@ HEADLINE = (
 @pytest.mark.slow
 def test_quick_benchmark_writes_report(tmp_path):
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
         check=True,
         timeout=300,
         capture_output=True,
@@ -54,11 +61,6 @@ def test_quick_benchmark_writes_report(tmp_path):
 def test_lockstep_times_every_token_of_each_loop(pair):
     """The token-by-token timer advances each model's own greedy loop once per CALM token, and
     those loops (and the control) decode what each model's plain greedy loop decodes."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import reference
-
-    from calm import CALM
-
     anchor, aug = pair
     model = CALM(anchor, aug)
     prompt = torch.randint(3, 97, (1, 5), generator=torch.Generator().manual_seed(0))
@@ -85,9 +87,6 @@ def test_lockstep_times_every_token_of_each_loop(pair):
 
 
 def test_interleaved_rotates_the_order_and_syncs_around_each_call():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import measure
-
     calls: list[str] = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     times = measure.interleaved(fns, reps=4, warmup=1, sync=lambda: calls.append("|"))
@@ -95,3 +94,11 @@ def test_interleaved_rotates_the_order_and_syncs_around_each_call():
     order = "abc" + "bca" + "cab" + "abc"  # each rep starts one later
     assert calls[3:] == [x for name in order for x in ("|", name, "|")]
     assert {name: len(ts) for name, ts in times.items()} == {"a": 4, "b": 4, "c": 4}
+
+
+def test_every_investigation_imports_as_a_module_of_the_package():
+    names = [m.name for m in pkgutil.iter_modules(benchmarks.investigations.__path__)]
+    assert {"ab_core_changes", "alternation", "generation_gap", "generation_reps"} <= set(names)
+    for name in names:
+        module = importlib.import_module(f"benchmarks.investigations.{name}")
+        assert f"python -m benchmarks.investigations.{name}" in module.__doc__

@@ -1,6 +1,7 @@
 """Where CALM.generate's time over its bound goes: generate rebuilt piece by piece, timed together.
 
-    python benchmarks/generation_gap.py [--config mid] [--tokens 256] [--reps 7] [--ops]
+    python -m benchmarks.investigations.generation_gap [--config mid] [--tokens 256] [--reps 7]
+                                                       [--ops]
 
 The bound of benchmarks/run.py is each model's own cached greedy loop, run alone. Timed in turn
 (interleaved, one thread, the run.py generation prompt, per-rep thread CPU time):
@@ -19,19 +20,16 @@ import argparse
 import collections
 import contextlib
 import cProfile
+import os
 import pstats
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import reference  # noqa: E402
-import run  # noqa: E402
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from calm import CALM, CALMConfig, hf  # noqa: E402
+from benchmarks import reference, run
+from calm import CALM, CALMConfig, hf
 
 
 class OpCount(TorchDispatchMode):
@@ -110,7 +108,7 @@ def main() -> None:
             {k: round(v / n, 1) for k, v in extra.most_common() if v >= n / 2},
         )
         return
-    print("load", [round(x, 2) for x in run.os.getloadavg()], time.strftime("%H:%M:%S"))
+    print("load", [round(x, 2) for x in os.getloadavg()], time.strftime("%H:%M:%S"))
     for fn in fns.values():
         fn()
     t: dict[str, list[float]] = {name: [] for name in fns}
@@ -129,7 +127,7 @@ def main() -> None:
             ratio = statistics.median(b / x for x, b in zip(xs, bound))
             line += f"   {over:+.3f}   {ratio:.3f}"
         print(line)
-    print("load", [round(x, 2) for x in run.os.getloadavg()], time.strftime("%H:%M:%S"))
+    print("load", [round(x, 2) for x in os.getloadavg()], time.strftime("%H:%M:%S"))
 
 
 if __name__ == "__main__":

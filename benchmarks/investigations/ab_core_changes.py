@@ -1,7 +1,7 @@
 """Same-process A/Bs of changes to the core, each side timed interleaved with the other.
 
-    python benchmarks/ab_core_changes.py OUT.json                 # the no-padding fast paths
-    python benchmarks/ab_core_changes.py --base COMMIT OUT.json   # the core at COMMIT vs now
+    python -m benchmarks.investigations.ab_core_changes OUT.json           # no-padding fast paths
+    python -m benchmarks.investigations.ab_core_changes --base C OUT.json  # core at commit C vs now
 
 Fast paths (commits 320fa0d, 92ee96f): the current core, and the same core with the replaced
 functions restored (the cross-attention mask always built; attention_mask/position_ids always
@@ -17,22 +17,20 @@ give the same loss and generate the same tokens.
 import argparse
 import functools
 import json
+import os
 import subprocess
 import sys
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import measure  # noqa: E402
-import reference  # noqa: E402
-import run  # noqa: E402
-import torch  # noqa: E402
+import torch
 
-import calm.model as cm  # noqa: E402
-from calm import CALM, CALMConfig, hf  # noqa: E402
-from calm.cross_attention import attention_mask as build_mask  # noqa: E402
+import calm.model as cm
+from benchmarks import measure, reference, run
+from calm import CALM, CALMConfig, hf
+from calm.cross_attention import attention_mask as build_mask
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CORE = ("hf", "generation", "cross_attention", "model")  # in import order
 
 new_mask_kwargs, new_masks = cm._mask_kwargs, CALM._masks
@@ -193,9 +191,9 @@ if __name__ == "__main__":
     reps = {"small": 90, "mid": 21}  # generation: a third of these
     if args.base:
         base = core_at(args.base)
-        res = {"base": args.base, "load_at_start": [round(x, 2) for x in run.os.getloadavg()]}
+        res = {"base": args.base, "load_at_start": [round(x, 2) for x in os.getloadavg()]}
         res.update({s.name: against(base, s, reps[s.name], 64) for s in chosen})
-        res["load_at_end"] = [round(x, 2) for x in run.os.getloadavg()]
+        res["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
     else:
         res = {s.name: compare(s, {"small": 15, "mid": 7}[s.name], 64) for s in chosen}
     print(json.dumps(res, indent=1))

@@ -1,6 +1,6 @@
 """Generation against its bound with many reps of shorter calls: the spread of the per-rep ratio.
 
-    python benchmarks/generation_reps.py [--config mid] [--tokens 128] [--reps 48]
+    python -m benchmarks.investigations.generation_reps [--config mid] [--tokens 128] [--reps 48]
 
 run.py's generation section, alone: each model's cached greedy loop alone (the bound), the two
 alternated token by token with no blocks, and `CALM.generate`, whole calls timed in turn with
@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import measure  # noqa: E402
-import reference  # noqa: E402
-import run  # noqa: E402
-import torch  # noqa: E402
+import torch
 
-from calm import CALM, CALMConfig  # noqa: E402
+from benchmarks import measure, reference, run
+from calm import CALM, CALMConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """How much of generate's gap to the bound is alternating the two models: chunked lockstep.
 
-    python benchmarks/alternation.py [--config mid] [--tokens 128] [--reps 6] [--chunks 1,8,32,128]
-                                     [--control]
+    python -m benchmarks.investigations.alternation [--config mid] [--tokens 128] [--reps 6]
+                                                    [--chunks 1,8,32,128] [--control]
 
 CALM.generate runs with a streamer that, after every `chunk` tokens CALM makes, advances the
 anchor's own greedy loop by `chunk` tokens and then the augmenting model's (each alone, with its
@@ -16,17 +16,14 @@ the chunk sizes are interleaved rep by rep.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import reference  # noqa: E402
-import run  # noqa: E402
-import torch  # noqa: E402
+import torch
 
-from calm import CALM, CALMConfig  # noqa: E402
+from benchmarks import reference, run
+from calm import CALM, CALMConfig
 
 
 def main() -> None:
@@ -63,7 +60,7 @@ def main() -> None:
     for c in chunks:  # warm-up
         rep(c)
     reps: dict[int, list[dict[str, float]]] = {c: [] for c in chunks}
-    print("load", [round(x, 2) for x in run.os.getloadavg()], time.strftime("%H:%M:%S"))
+    print("load", [round(x, 2) for x in os.getloadavg()], time.strftime("%H:%M:%S"))
     for _ in range(args.reps):
         for c in chunks:
             reps[c].append(rep(c))
@@ -78,7 +75,7 @@ def main() -> None:
             f"chunk {c:4d}: {statistics.median(ratios):.3f}   {it:8.2f} {alone:8.2f}   "
             f"[{' '.join(f'{r:.2f}' for r in ratios)}]"
         )
-    print("load", [round(x, 2) for x in run.os.getloadavg()], time.strftime("%H:%M:%S"))
+    print("load", [round(x, 2) for x in os.getloadavg()], time.strftime("%H:%M:%S"))
 
 
 if __name__ == "__main__":

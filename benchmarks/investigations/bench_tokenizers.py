@@ -1,10 +1,10 @@
 """Measure what different tokenizers cost: TokenizerPair alignment, forward and generation overhead
 against same-tokenizer composition, on random models with real tokenizers.
 
-    python -m calm.hub_offline model smollm2-135m
-    python -m calm.hub_offline model qwen2.5-coder-0.5b
-    python benchmarks/bench_tokenizers.py [--batch 8] [--chars 2000] [--new 32] [--repeats 5]
-    python benchmarks/bench_tokenizers.py --real   # also needs gemma3-270m converted
+    python tools/hub_offline.py model smollm2-135m qwen2.5-coder-0.5b
+    python -m benchmarks.investigations.bench_tokenizers [--batch 8] [--chars 2000] [--new 32]
+                                                         [--repeats 5]
+    python -m benchmarks.investigations.bench_tokenizers --real   # needs gemma3-270m converted
 
 Anchor tokenizer: Qwen2.5 (151,936 entries); augmenting tokenizer: SmolLM2 (49,152 entries). The
 same-tokenizer baseline gives the augmenting model Qwen's vocabulary and reads the same ids.
@@ -26,8 +26,8 @@ import transformers as T
 from transformers import AutoTokenizer
 
 from calm import CALM, CALMConfig, hf
-from calm.hub_offline import model_dir
 from calm.tokenizers import TextStream, TokenizerPair
+from tools.hub_offline import model_dir
 
 
 def lm(vocab: int, width: int, layers: int, seed: int) -> T.LlamaForCausalLM:
