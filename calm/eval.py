@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 import calm
 from calm import hf
+from calm.errors import UserError
 from calm.progress import bar
 from calm.tasks.registry import Example, Task, check_shots, cut_at_stop, get_task
 
@@ -137,7 +138,7 @@ def generate_completions(
 ) -> list[list[str]]:
     """`num_samples` completions per example, each cut at the first stop string."""
     if tokenizer.pad_token_id is None:
-        raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token first.")
+        raise UserError("The tokenizer has no pad token; set tokenizer.pad_token first.")
     sampling = num_samples > 1
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
@@ -209,9 +210,11 @@ def evaluate(
     task = get_task(task, data=data) if isinstance(task, str) else task
     shots = check_shots(task, shots)
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of examples, got {limit}.")
+        raise UserError(f"limit must be a positive number of examples, got {limit}.")
     if num_samples < 1 or batch_size < 1:
-        raise ValueError("num_samples and batch_size must be at least 1.")
+        raise UserError(
+            f"num_samples and batch_size must be at least 1, got {num_samples} and {batch_size}."
+        )
     examples = task.examples(shots)[:limit]
     started = time.time()
     was_training = getattr(model, "training", False)

@@ -12,6 +12,7 @@ import transformers as T
 
 import calm
 from calm import hf
+from calm.errors import UserError
 from calm.eval import evaluate
 from calm.tasks.registry import Example, cut_at_stop, get_task, list_tasks
 
@@ -94,12 +95,14 @@ def tiny_llama(seed: int, layers: int = 2) -> T.LlamaForCausalLM:
 def test_registry_lists_every_task_and_refuses_unknown_names():
     names = {t.name for t in list_tasks()}
     assert {"humaneval", "mbpp-like", "code-to-text", "translation", "gsm8k", "mgsm"} <= names
-    with pytest.raises(ValueError, match="Unknown task 'nope'"):
+    with pytest.raises(UserError, match="Unknown task 'nope'"):
         get_task("nope")
-    with pytest.raises(ValueError, match="Unknown MGSM language"):
+    with pytest.raises(UserError, match="Unknown MGSM language"):
         get_task("mgsm:xx")
-    with pytest.raises(ValueError, match="no variants"):
+    with pytest.raises(UserError, match="no variants"):
         get_task("humaneval:foo")
+    with pytest.raises(UserError, match="does not exist; pass --data"):
+        get_task("humaneval", data="/nonexistent/HumanEval.jsonl")
 
 
 def test_cut_at_stop_uses_the_earliest_stop_string():
@@ -213,10 +216,12 @@ def test_a_calm_composition_is_evaluated_and_equals_its_anchor_at_init():
 
 def test_bad_arguments_are_refused():
     tok = ByteTokenizer()
-    with pytest.raises(ValueError, match="limit"):
+    with pytest.raises(UserError, match="limit"):
         evaluate(CannedModel({}, tok), EchoTask(), tokenizer=tok, limit=0)
-    with pytest.raises(ValueError, match="shots"):
+    with pytest.raises(UserError, match="shots"):
         evaluate(CannedModel({}, tok), EchoTask(), tokenizer=tok, shots=2)
+    with pytest.raises(UserError, match="batch_size"):
+        evaluate(CannedModel({}, tok), EchoTask(), tokenizer=tok, batch_size=0)
 
 
 def _smollm2_or_skip():

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from calm.errors import UserError
+from calm.tasks import sources
 from calm.tasks.registry import Example, register
 
 SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages"}
@@ -125,5 +127,5 @@ class CodeToText:
 @register("code-to-text", "Python function -> docstring summary (stdlib via ast), 3-shot, chrF")
 def make(variant: str | None = None, data: str | None = None) -> CodeToText:
     if variant:
-        raise ValueError(f"code-to-text has no variants, got {variant!r}.")
-    return CodeToText(root=str(data or sysconfig.get_paths()["stdlib"]))
+        raise UserError(f"code-to-text has no variants, got {variant!r}.")
+    return CodeToText(root=str(sources.given(data) if data else sysconfig.get_paths()["stdlib"]))

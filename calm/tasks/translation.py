@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from calm.errors import UserError
 from calm.tasks import sources
 from calm.tasks.code_to_text import chrf
 from calm.tasks.registry import Example, register
@@ -151,7 +152,10 @@ class Translation:
         src, tgt = LANGUAGES[self.variant]
         train = [p for p in load_pairs(self.variant, "train", self.data) if _shot_sized(p)]
         if len(train) < shots:
-            raise ValueError(f"{self.name} has only {len(train)} train pairs fit to be shots.")
+            raise UserError(
+                f"{self.name} has only {len(train)} train pairs of 30-150 characters to be shots; "
+                f"ask for at most {len(train)}."
+            )
         spread = [train[i * len(train) // shots] for i in range(shots)]
         context = f"Translate from {src} to {tgt}.\n\n" + "".join(
             f"{src}: {p['source']}\n{tgt}: {p['target']}\n\n" for p in spread
@@ -177,5 +181,5 @@ def _shot_sized(pair: dict) -> bool:
 def make(variant: str | None = None, data: str | None = None) -> Translation:
     variant = variant or "nya-en"
     if variant not in LANGUAGES:
-        raise ValueError(f"Unknown translation variant {variant!r}; known: {sorted(LANGUAGES)}.")
-    return Translation(variant=variant, data=data)
+        raise UserError(f"Unknown translation variant {variant!r}; known: {sorted(LANGUAGES)}.")
+    return Translation(variant=variant, data=str(sources.given(data)) if data else None)

@@ -78,8 +78,9 @@ def test_gsm8k_prompt_uses_training_exemplars_and_scores_exact_match(tmp_path):
 
 
 def test_missing_data_names_the_file_and_the_fix(tmp_path):
-    with pytest.raises(UserError, match="--data DIR"):
+    with pytest.raises(UserError, match="--data DIR") as missing:
         make_gsm8k(data=str(tmp_path))
+    assert isinstance(missing.value, FileNotFoundError)  # what callers caught before
 
 
 def test_mgsm_reads_one_language(tmp_path):
