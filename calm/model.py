@@ -20,33 +20,18 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from calm import hf
+from calm import decoding, hf
 from calm.config import CALMConfig, Connection
-from calm.cross_attention import CrossAttentionBlock, FoldedBlock, FoldedGroup, rope_tables
+from calm.cross_attention import CrossAttentionBlock, FoldedBlock, rope_tables
 from calm.cross_attention import attention_mask as build_mask
+from calm.errors import UserError
 from calm.generation import check_sampling, next_token
 from calm.layer_map import default_connections
-from calm.tokenizers import TextStream, TokenizerPair
+from calm.tokenizers import TokenizerPair
 
 AugStates = dict[tuple[int, int], torch.Tensor]  # (augment, aug_layer) -> (B, S, A)
 Blocks = Sequence[CrossAttentionBlock | FoldedBlock]  # one per connection
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # calm.cross_attention.rope_tables, or None
-
-
-class _FoldedBlocks(list):
-    """The blocks' folded forms (`FoldedBlock`), one per connection, and `groups`: (connection
-    indices, `FoldedGroup` or None) whose keys/values are computed together, for blocks of one
-    shape reading one augmenting model (so their states share a shape)."""
-
-    def __init__(self, blocks: Sequence[CrossAttentionBlock], augments: Sequence[int]) -> None:
-        super().__init__(block.folded() for block in blocks)
-        by_key: dict[tuple, list[int]] = {}
-        for j, (block, augment) in enumerate(zip(self, augments, strict=True)):
-            by_key.setdefault((augment, block.shape_key), []).append(j)
-        self.groups = [
-            (ids, FoldedGroup([self[j] for j in ids]) if len(ids) > 1 else None)
-            for ids in by_key.values()
-        ]
 
 
 def next_token_loss(
@@ -493,52 +478,32 @@ class CALM(nn.Module):
             )
         return visible
 
-    def _extend_kv(
-        self, kv, states: AugStates, blocks: Blocks, rope: Rope = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """kv of every connection with the keys/values of `states` appended (all of them when
-        kv is None); connections whose augmenting layer is not in `states` keep theirs."""
-        if kv is None:
-            return self._keys_values(states, blocks, rope)
-        new = self._new_keys_values(states, blocks, rope)
-        return [
-            (torch.cat([old[0], new[j][0]], 2), torch.cat([old[1], new[j][1]], 2))
-            if j in new
-            else old
-            for j, old in enumerate(kv)
-        ]
+    def _check_texts(self, texts, input_ids: torch.Tensor, required: bool) -> None:
+        """texts (a TokenizerPair batch's): one per row of input_ids; required: for generation."""
+        if texts is None:
+            if required and not self._disabled:
+                raise ValueError(
+                    "Generation with a TokenizerPair continues the prompt texts; pass the batch "
+                    "its TokenizerPair makes, as model.generate(**pair(texts))."
+                )
+            return
+        if isinstance(texts, str) or len(texts) != input_ids.shape[0]:
+            raise ValueError(
+                f"texts must hold one text per row of input_ids ({input_ids.shape[0]}); pass "
+                "the batch its TokenizerPair makes whole, as model(**pair(texts))."
+            )
 
-    def _keys_values(
-        self, states: AugStates, blocks: Blocks, rope: Rope = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        new = self._new_keys_values(states, blocks, rope)
-        return [new[j] for j in range(len(self.connections))]
-
-    def _new_keys_values(
-        self, states: AugStates, blocks: Blocks, rope: Rope = None
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """{connection: (keys, values)} of the connections whose augmenting layer is in
-        `states`; the groups of `_FoldedBlocks` computed together."""
+    def _connection_states(self, states: AugStates) -> list[torch.Tensor | None]:
+        """Per connection: its augmenting layer's output in `states` (None where absent), on the
+        anchor's device in the blocks' dtype."""
         device = hf.model_device(self.anchor)
         dtype = getattr(torch, self.calm_config.dtype)
-
-        def state(j: int) -> torch.Tensor | None:
-            c = self.connections[j]
+        out = []
+        for c in self.connections:
             x = states.get((c.augment, c.aug_layer))
-            if x is None or (x.dtype == dtype and x.device == device):
-                return x
-            return x.to(device=device, dtype=dtype)
-
-        groups = getattr(blocks, "groups", None) or [([j], None) for j in range(len(blocks))]
-        out = {}
-        for ids, group in groups:
-            xs = [state(j) for j in ids]
-            if group is not None and all(x is not None for x in xs):
-                out.update(zip(ids, group.keys_values(xs, rope), strict=True))
-                continue
-            for j, x in zip(ids, xs, strict=True):
-                if x is not None:
-                    out[j] = blocks[j].keys_values(x, rope)
+            if x is not None and (x.dtype != dtype or x.device != device):
+                x = x.to(device=device, dtype=dtype)
+            out.append(x)
         return out
 
     def _rope(self, attention_mask: torch.Tensor, past_length: int = 0) -> Rope:
@@ -550,12 +515,13 @@ class CALM(nn.Module):
         dtype = getattr(torch, self.calm_config.dtype)
         return rope_tables(positions, self.blocks[0].head_dim, dtype)
 
-    def _decoding_blocks(self) -> Blocks:
-        """The blocks' folded inference forms, built now from the current parameters; the blocks
-        themselves while dropout acts (training mode), which the folded forms leave out."""
-        if self.blocks.training and self.calm_config.dropout > 0:
-            return self.blocks
-        return _FoldedBlocks(self.blocks, [c.augment for c in self.connections])
+    def _decoding_blocks(self) -> decoding.DecodingBlocks:
+        """Shim for benchmarks/generation_gap.py: `calm.decoding.decoding_blocks`."""
+        return decoding.decoding_blocks(self)
+
+    def _extend_kv(self, kv, states: AugStates, blocks, rope: Rope = None) -> decoding.KV:
+        """Shim for benchmarks/generation_gap.py: `calm.decoding.extend_kv`."""
+        return decoding.extend_kv(self, kv, states, blocks, rope)
 
     @contextlib.contextmanager
     def _composed(self, kv, masks, blocks: Blocks, rope: Rope = None) -> Iterator[None]:
@@ -633,10 +599,12 @@ class CALM(nn.Module):
 
         aug_visible (causal mode): one (B, T) tensor per augmenting model; anchor token t sees the
         first aug_visible[i][b, t] real augmenting tokens instead of those at positions <= t.
-        `TokenizerPair` batches carry it (and `texts`, which only `generate` reads)."""
+        texts: the texts a `TokenizerPair` batch carries for `generate` to continue; a batch is
+        passed whole (`model(**pair(texts))`), so they are checked to hold one text per row."""
         self._check_live()
         device = hf.model_device(self.anchor)
         self._check_ids("input_ids", input_ids, device)
+        self._check_texts(texts, input_ids, required=False)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self._disabled:
@@ -650,56 +618,14 @@ class CALM(nn.Module):
             visible = self._check_visible(aug_visible, input_ids)
             masks = self._masks([m for _, m in inputs], attention_mask, 0, visible)
             rope = self._rope(attention_mask)
-            kv = self._keys_values(aug_states, self.blocks, rope)
+            states = self._connection_states(aug_states)
+            kv = [block.keys_values(x, rope) for block, x in zip(self.blocks, states, strict=True)]
             with self._composed(kv, masks, self.blocks, rope):
                 logits = self._anchor_call(input_ids, attention_mask)
         loss = None if labels is None else next_token_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     # ----------------------------------------------------------------------------- generate
-
-    def _start_aligned(self, input_ids, attention_mask, aug_inputs, visible, texts, caches, blocks):
-        """Prompt step of generation with a TokenizerPair: each augmenting model reads the prompt
-        tokens stable at the last anchor token; the unstable tail is masked out of its cache."""
-        if texts is None:
-            raise ValueError(
-                "Generation with a TokenizerPair continues the prompt texts; pass the batch its "
-                "TokenizerPair makes, as model.generate(**pair(texts))."
-            )
-        batch = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            aug_input_ids=[ids for ids, _ in aug_inputs],
-            aug_attention_mask=[m for _, m in aug_inputs],
-            aug_visible=visible,
-            texts=list(texts),
-        )
-        key_masks, states = [], {}
-        for i, (ids, m) in enumerate(aug_inputs):
-            last = visible[i].max(-1, keepdim=True).values.to(m.device)  # (B, 1)
-            committed = (m.bool() & (m.long().cumsum(-1) <= last)).long()  # (B, S_i)
-            key_masks.append(committed)
-            states.update(self._run_augment(i, ids, committed, caches[i]))
-        return self.tokenizers.stream(batch), key_masks, self._keys_values(states, blocks)
-
-    def _feed_aligned(self, stream: TextStream, tokens, active, key_masks, kv, caches, blocks):
-        """Append one anchor token per active row to the texts; feed each augmenting model the
-        tokens that became stable (right-padded within the step) and extend the blocks' kv."""
-        new = stream.append(tokens.tolist(), active.tolist())
-        states: AugStates = {}
-        for i, rows in enumerate(new):
-            width = max(len(r) for r in rows)
-            if width == 0:
-                continue
-            chunk = torch.full((len(rows), width), self.tokenizers.augs[i].pad_id)  # (B, n)
-            chunk_mask = torch.zeros_like(chunk)
-            for b, r in enumerate(rows):
-                chunk[b, : len(r)] = torch.from_numpy(r)
-                chunk_mask[b, : len(r)] = 1
-            full = torch.cat([key_masks[i], chunk_mask.to(key_masks[i].device)], 1)
-            states.update(self._run_augment(i, chunk, full, caches[i], key_masks[i].shape[1]))
-            key_masks[i] = full
-        return key_masks, (self._extend_kv(kv, states, blocks) if states else kv)
 
     @torch.no_grad()
     def generate(
@@ -724,10 +650,10 @@ class CALM(nn.Module):
 
         The anchor and every augmenting model keep their own KV cache, and each block keeps the
         keys/values of the augmenting states seen so far; each step feeds the new token to every
-        model once. The blocks run in their folded inference form (`FoldedBlock`, equal up to
-        rounding), built at the start of each call; the blocks of one augmenting model compute
-        their keys/values together (`FoldedGroup`). Finished rows are filled with
-        `pad_token_id`. Left-padded batches work.
+        model once (`calm.decoding`). The blocks run in their folded inference form
+        (`FoldedBlock`, equal up to rounding), built at the start of each call; the blocks of one
+        augmenting model compute their keys/values together (`FoldedGroup`). Finished rows are
+        filled with `pad_token_id`. Left-padded batches work.
         `streamer` (optional) gets `put(tokens)` after each step and `end()` at the end.
 
         With a TokenizerPair, pass its batch (`**pair(texts)`): as the anchor writes, the texts
@@ -738,7 +664,7 @@ class CALM(nn.Module):
         device = hf.model_device(self.anchor)
         self._check_ids("input_ids", input_ids, device)
         if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}.")
+            raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}.")
         if do_sample:
             check_sampling(temperature, top_k, top_p)
             if generator is not None and generator.device != device:
@@ -746,114 +672,34 @@ class CALM(nn.Module):
                     f"generator is on {generator.device} but the anchor samples on {device}; "
                     f"make it with torch.Generator(device={str(device)!r})."
                 )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        B = input_ids.shape[0]
-        gen_config = getattr(self.anchor, "generation_config", None)
-        if eos_token_id is None and gen_config is not None:
-            eos_token_id = gen_config.eos_token_id
-        eos = torch.tensor(
-            []
-            if eos_token_id is None
-            else [eos_token_id]
-            if isinstance(eos_token_id, int)
-            else list(eos_token_id),
-            dtype=torch.long,
-            device=device,
-        )
-        if pad_token_id is None:
-            pad_token_id = getattr(gen_config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = int(eos[0]) if len(eos) else 0
-
-        composed = not self._disabled
-        causal = self.calm_config.mode == "causal"
-        blocks = self._decoding_blocks() if composed else None
-        anchor_cache = hf.new_cache(self.anchor)
-        aug_caches = [hf.new_cache(a) for a in self.augments] if causal else None
-        kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        key_masks = None
-        if composed and not causal:
-            inputs = self._aug_inputs(input_ids, attention_mask, aug_input_ids, aug_attention_mask)
-            states: AugStates = {}
-            for i, (ids, mask) in enumerate(inputs):
-                states.update(self._run_augment(i, ids, mask))
-            kv = self._keys_values(states, blocks)
-            key_masks = [m for _, m in inputs]
         if aug_visible is not None and self.tokenizers is None:
             raise ValueError(
                 "generate reads aug_visible only from a TokenizerPair batch; build the model "
                 "with CALM(..., tokenizers=pair), or drop aug_visible."
             )
-        aligned = composed and self.tokenizers is not None
-        visible = self._check_visible(aug_visible, input_ids) if aligned else None
-        if aligned:
-            inputs = self._aug_inputs(input_ids, attention_mask, aug_input_ids, aug_attention_mask)
-            stream, key_masks, kv = self._start_aligned(
-                input_ids, attention_mask, inputs, visible, texts, aug_caches, blocks
-            )
-
-        # Built once for the whole call, sliced per step: the mask of every position the call
-        # can reach (new tokens are real) and, with rope, the rotary tables of their positions.
-        full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
-        padded = not bool(attention_mask.all())  # False: every mask below is all ones
-        rope_all = self._rope(full_mask) if composed else None
-        tokens = []
-        step_ids = input_ids
-        past = 0
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        track_eos = len(eos) > 0  # without an end token no row finishes
-        for _ in range(max_new_tokens):
-            length = past + step_ids.shape[1]
-            mask = full_mask[:, :length]
-            model_mask = mask if padded else None  # None: the models skip their mask work
-            if composed:
-                rope = None if rope_all is None else tuple(t[:, :, past:length] for t in rope_all)
-                if aligned and past:
-                    key_masks, kv = self._feed_aligned(
-                        stream, step_ids[:, 0], ~finished, key_masks, kv, aug_caches, blocks
-                    )
-                    visible = [m.sum(-1, keepdim=True) for m in key_masks]  # (B, 1) each
-                elif causal and not aligned:
-                    states = {}
-                    for i in range(len(self.augments)):
-                        states.update(
-                            self._run_augment(
-                                i, step_ids, model_mask, aug_caches[i], past, padded=padded
-                            )
-                        )
-                    kv = self._extend_kv(kv, states, blocks, rope)
-                    key_masks = [mask] * len(self.augments)
-                # the new tokens are real: the masks are padded exactly when the prompt is
-                masks = self._masks(key_masks, mask, past, visible, padded if causal else None)
-                with self._composed(kv, masks, blocks, rope):
-                    logits = self._anchor_call(
-                        step_ids, model_mask, past, anchor_cache, last_only=True, padded=padded
-                    )
-            else:
-                logits = self._anchor_call(
-                    step_ids, model_mask, past, anchor_cache, last_only=True, padded=padded
-                )
-            token = next_token(
-                logits,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )
-            if track_eos:
-                token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-                finished |= torch.isin(token, eos)
-            tokens.append(token)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            past = length
-            step_ids = token[:, None]
-            if track_eos and finished.all():
-                break
-        if streamer is not None:
-            streamer.end()
-        if not tokens:
-            return input_ids
-        return torch.cat([input_ids, torch.stack(tokens, 1)], 1)
+        self._check_texts(texts, input_ids, required=self.tokenizers is not None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos, pad_token_id = decoding.end_tokens(self.anchor, eos_token_id, pad_token_id, device)
+        choose = functools.partial(
+            next_token,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
+        return decoding.generate(
+            self,
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            choose,
+            eos,
+            pad_token_id,
+            streamer,
+            aug_input_ids=aug_input_ids,
+            aug_attention_mask=aug_attention_mask,
+            aug_visible=aug_visible,
+            texts=texts,
+        )

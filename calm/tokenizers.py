@@ -32,6 +32,9 @@ import numpy as np
 import tokenizers as tk
 import torch
 
+from calm.data import pad_rows
+from calm.errors import UserError
+
 _WHITESPACE = np.array([ord(c) for c in " \t\n\r\x0b\x0c"], dtype=np.uint32)
 _SPACE_AFTER_WORD = re.compile(r"[^\s] ")
 
@@ -82,7 +85,7 @@ class _Side:
         for k in range(len(full) - len(bare) + 1):
             if full[k : k + len(bare)] == bare:
                 return tuple(full[:k])
-        raise ValueError(
+        raise UserError(
             f"The {self.role} tokenizer's special tokens surround the text in a way the pair "
             "cannot separate; give a tokenizer that adds them only before or after the text."
         )
@@ -93,7 +96,7 @@ class _Side:
         pieces = self.backend.decode_batch([[i] for i in range(n)], skip_special_tokens=True)
         bad = [p for p in pieces if _SPACE_AFTER_WORD.search(p)]
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"The {self.role} tokenizer has tokens that join a word with the space after it "
                 f"(e.g. {bad[0]!r}), so the stable-boundary rule would leak the next word; use it "
                 "as the anchor, or pick another augmenting tokenizer."
@@ -112,18 +115,6 @@ class _Side:
         """K for each anchor end: how many of this side's tokens of `text` are stable there."""
         cut = last_cuts(cut_points(text), anchor_ends)
         return len(self.lead) + np.searchsorted(np.sort(starts), cut, side="left")
-
-
-def _left_pad(rows: Sequence[np.ndarray], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of different lengths -> (B, L) left-padded tensor and its mask (L >= 1)."""
-    width = max(1, max((len(r) for r in rows), default=0))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        if len(r):
-            ids[b, width - len(r) :] = torch.from_numpy(np.asarray(r, dtype=np.int64))
-            mask[b, width - len(r) :] = 1
-    return ids, mask
 
 
 class AlignedBatch(dict):
@@ -159,7 +150,7 @@ class TokenizerPair:
             list(aug_tokenizers) if isinstance(aug_tokenizers, (list, tuple)) else [aug_tokenizers]
         )
         if not augs:
-            raise ValueError("Give at least one augmenting tokenizer.")
+            raise UserError("Give at least one augmenting tokenizer.")
         self.anchor = _Side(anchor_tokenizer, "anchor")
         self.augs = [_Side(t, f"augmenting {i}") for i, t in enumerate(augs)]
         for side in self.augs:
@@ -174,7 +165,7 @@ class TokenizerPair:
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per text: anchor ids, and the character where each anchor token's text ends."""
         if append_eos and self.anchor.eos_id is None:
-            raise ValueError("The anchor tokenizer has no eos_token; set one to append it.")
+            raise UserError("The anchor tokenizer has no eos_token; set one to append it.")
         rows, ends = [], []
         lead = np.zeros(len(self.anchor.lead), dtype=np.int64)
         for text, (ids, _, tok_ends) in zip(texts, self.anchor.encode(texts)):
@@ -189,7 +180,7 @@ class TokenizerPair:
     def _truncate(self, texts: list[str], max_length: int, append_eos: bool) -> list[str]:
         """Cut each text at an anchor token's end so its anchor row fits `max_length`."""
         if max_length < len(self.anchor.lead) + 1 + append_eos:
-            raise ValueError(
+            raise UserError(
                 f"max_length={max_length} leaves no room for text after the anchor's special "
                 "tokens; raise it."
             )
@@ -218,7 +209,7 @@ class TokenizerPair:
         if max_length is not None:
             texts = self._truncate(texts, max_length, append_eos)
         anchor_rows, anchor_ends = self._anchor_rows(texts, append_eos)
-        input_ids, attention_mask = _left_pad(anchor_rows, self.anchor.pad_id)
+        input_ids, attention_mask = pad_rows(anchor_rows, self.anchor.pad_id, side="left")
         batch = AlignedBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -229,11 +220,11 @@ class TokenizerPair:
         )
         for side in self.augs:
             encoded = side.encode(texts)
-            ids, mask = _left_pad([e[0] for e in encoded], side.pad_id)
+            ids, mask = pad_rows([e[0] for e in encoded], side.pad_id, side="left")
             counts = [
                 side.visible(t, e[1], ends) for t, e, ends in zip(texts, encoded, anchor_ends)
             ]
-            visible, _ = _left_pad(counts, 0)
+            visible, _ = pad_rows(counts, 0, side="left")
             batch["aug_input_ids"].append(ids)
             batch["aug_attention_mask"].append(mask)
             batch["aug_visible"].append(visible)
@@ -255,7 +246,7 @@ class TokenizerPair:
         and on the anchor tokens that end within the first prompt_chars[b] characters of text b
         (a prompt whose continuation alone is trained)."""
         mask = batch["attention_mask"].bool()
-        row_ends, _ = _left_pad(self.anchor_ends(batch), 0)
+        row_ends, _ = pad_rows(self.anchor_ends(batch), 0, side="left")
         labels = batch["input_ids"].masked_fill(~mask, -100)
         if prompt_chars is not None:
             limit = torch.as_tensor(list(prompt_chars), dtype=torch.long)[:, None]
@@ -289,7 +280,7 @@ class TokenizerPair:
         )
         for i, side in enumerate(self.augs):
             encoded = side.encode(stream.texts)
-            aug_ids, aug_mask = _left_pad([e[0] for e in encoded], side.pad_id)
+            aug_ids, aug_mask = pad_rows([e[0] for e in encoded], side.pad_id, side="left")
             counts = np.stack(
                 [side.visible(t, e[1], x) for t, e, x in zip(stream.texts, encoded, ends)]
             )
@@ -312,12 +303,20 @@ class TextStream:
     the tokens of the last committed stretch must come out unchanged (otherwise the tokenizer
     breaks the stable-boundary rule and `append` raises; the first step re-checks the whole
     prompt), and the tokens before the new last cut are committed.
+
+    For generation, `read_masks` holds per augmenting model the (B, S_i) mask of what it has
+    read: the batch's tokens stable at the last anchor token (1; padding and the unstable tail 0),
+    then those `feed` commits, right-padded within each step.
     """
 
     CONTEXT = 4  # anchor tokens decoded before the new ones
 
     def __init__(self, pair: TokenizerPair, batch: AlignedBatch) -> None:
         self.pair = pair
+        self.read_masks = []
+        for m, visible in zip(batch["aug_attention_mask"], batch["aug_visible"], strict=True):
+            last = visible.max(-1, keepdim=True).values.to(m.device)  # (B, 1)
+            self.read_masks.append((m.bool() & (m.long().cumsum(-1) <= last)).long())
         self.texts = list(batch["texts"])
         rows = range(len(self.texts))
         mask = batch["attention_mask"].bool().cpu()
@@ -391,4 +390,19 @@ class TextStream:
                     new[b] = ids[known:k]
                     check_from[b], cuts[b], self._last[i][b] = cuts[b], cut, new[b]
             out.append(new)
+        return out
+
+    def feed(self, tokens: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor | None]:
+        """`append` for generation, from (B,) tensors: per augmenting model, the tokens that
+        became stable as a (B, n) right-padded tensor (None where no row has any), whose mask
+        now ends `read_masks[i]`."""
+        out = []
+        for i, rows in enumerate(self.append(tokens.tolist(), active.tolist())):
+            if not any(len(r) for r in rows):
+                out.append(None)
+                continue
+            chunk, chunk_mask = pad_rows(rows, self.pair.augs[i].pad_id)  # (B, n) each
+            read = self.read_masks[i]
+            self.read_masks[i] = torch.cat([read, chunk_mask.to(read.device)], 1)
+            out.append(chunk)
         return out

@@ -1,5 +1,5 @@
-"""`CALM.generate` decodes with the blocks' folded forms (calm.cross_attention.FoldedBlock):
-its tokens equal greedy full recomputation through `forward`, which uses the blocks as they are."""
+"""`CALM.generate` (calm.decoding) decodes with the blocks' folded forms (`FoldedBlock`): its
+tokens equal greedy full recomputation through `forward`, which uses the blocks as they are."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from test_model import full_recompute_greedy, left_padded
 
 from calm import CALM, CALMConfig
 from calm.cross_attention import FoldedBlock
+from calm.decoding import decoding_blocks
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "no-norm"])
@@ -47,9 +48,9 @@ def test_dropout_while_training_decodes_with_the_blocks(pair):
     """The folded forms have no dropout: while it acts, generate keeps the blocks themselves."""
     model = CALM(*pair, CALMConfig(dropout=0.5))
     model.train()
-    assert model._decoding_blocks() is model.blocks
+    assert all(a is b for a, b in zip(decoding_blocks(model), model.blocks, strict=True))
     model.eval()
-    assert all(isinstance(b, FoldedBlock) for b in model._decoding_blocks())
+    assert all(isinstance(b, FoldedBlock) for b in decoding_blocks(model))
 
 
 def test_decoding_blocks_group_the_connections_of_each_augmenting_model(pair):
@@ -57,6 +58,6 @@ def test_decoding_blocks_group_the_connections_of_each_augmenting_model(pair):
     model = CALM(anchor, [aug, aug])  # 8 augmenting layers, every 4th: two blocks each
     by_augment = [[j for j, c in enumerate(model.connections) if c.augment == i] for i in (0, 1)]
     assert [len(ids) for ids in by_augment] == [2, 2]
-    groups = model._decoding_blocks().groups
+    groups = decoding_blocks(model).groups
     assert sorted(ids for ids, _ in groups) == sorted(by_augment)
     assert all(group is not None for _, group in groups)  # two blocks each: batched
