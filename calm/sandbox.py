@@ -229,105 +229,25 @@ def execute(
     privileged = sys.platform.startswith("linux") and os.geteuid() == 0
     n = next(_counter)
     uid = _UID_BASE + (os.getpid() * 1000 + n) % _UID_SPAN
-    host_dir = tempfile.mkdtemp(prefix="calm-sandbox-")  # output files: never visible inside
-    work = os.path.join(host_dir, "work")
-    os.mkdir(work)
-    with open(os.path.join(work, "program.py"), "w", encoding="utf-8") as f:
-        f.write(program)
+    host_dir, work = _scratch(program, uid if privileged else None)
     cgroups = None
     if privileged:
-        os.chown(work, uid, uid)
-        os.chown(os.path.join(work, "program.py"), uid, uid)
         cgroups = _make_cgroups(f"calm-sandbox-{os.getpid()}-{n}", max_processes, memory_mb << 20)
-    hidden = [os.path.expanduser("~"), os.getcwd(), "/tmp", "/var/tmp", "/dev/shm", *hide]
-    if _project_root():
-        hidden.append(_project_root())
-    spec = {
-        "privileged": privileged,
-        "uid": uid,
-        "cgroups": list(cgroups.dirs) if cgroups else [],
-        "hide": sorted({os.path.realpath(p) for p in hidden if _hideable(p)}),
-        "keep": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}),
-        "work": work,
+    spec = _child_spec(work, uid, privileged, cgroups, hide)
+    spec |= {
         "cpu_seconds": int(timeout) + 1,
         "memory_bytes": memory_mb << 20,
         "file_bytes": file_size_mb << 20,
         "max_processes": max_processes,
     }
     nonce = secrets.token_hex(16).encode()
-    nonce_r, nonce_w = os.pipe()
-    done_r, done_w = os.pipe()
-    setup_r, setup_w = os.pipe()  # the bootstrap reports a failed set-up here, never the program
-    os.write(nonce_w, nonce)
-    os.close(nonce_w)
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "LANG": "C.UTF-8",
-        "HOME": "/tmp/sandbox" if privileged else work,
-        "PYTHONHASHSEED": "0",
-        "PYTHONIOENCODING": "utf-8",
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
-    argv = [sys.executable, "-I", "-B", os.path.abspath(__file__), "--child", json.dumps(spec)]
-    argv += [str(nonce_r), str(done_w), str(setup_w)]
-    out_path, err_path = os.path.join(host_dir, "stdout"), os.path.join(host_dir, "stderr")
-    start = time.monotonic()
-    returncode: int | None = None
     try:
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=env,
-                cwd=work,
-                start_new_session=True,
-                pass_fds=(nonce_r, done_w, setup_w),
-            )
-        os.close(nonce_r)
-        os.close(done_w)
-        os.close(setup_w)
-        try:
-            returncode = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            returncode = None
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if cgroups:
-                cgroups.kill_all()
-            elif privileged:
-                for _ in range(20):
-                    if not _uid_processes(uid):
-                        break
-                    _kill_uid(uid)
-            proc.wait()
-        duration = time.monotonic() - start
-        os.set_blocking(setup_r, False)
-        try:
-            setup_error = os.read(setup_r, 4096).decode(errors="replace")
-        except BlockingIOError:
-            setup_error = ""
-        if setup_error:
-            raise SandboxError(
-                f"The sandbox could not isolate the program ({setup_error.strip()}); it needs "
-                "Linux mount/network namespaces and setuid as root, or an unprivileged caller."
-            )
-        os.set_blocking(done_r, False)
-        try:
-            reported = os.read(done_r, 64)
-        except BlockingIOError:
-            reported = b""
-        stdout, cut_out = _read_capped(out_path, max_output)
-        stderr, cut_err = _read_capped(err_path, max_output)
+        returncode, reported, duration = _run_child(
+            spec, nonce, host_dir, timeout, cgroups, uid if privileged else None
+        )
+        stdout, cut_out = _read_capped(os.path.join(host_dir, "stdout"), max_output)
+        stderr, cut_err = _read_capped(os.path.join(host_dir, "stderr"), max_output)
     finally:
-        os.close(done_r)
-        os.close(setup_r)
         if cgroups:
             cgroups.remove()
         shutil.rmtree(host_dir, ignore_errors=True)
@@ -349,6 +269,132 @@ def execute(
         duration=duration,
         isolation=tuple(isolation),
     )
+
+
+def _run_child(
+    spec: dict,
+    nonce: bytes,
+    host_dir: str,
+    timeout: float,
+    cgroups: _Cgroups | None,
+    uid: int | None,
+) -> tuple[int | None, bytes, float]:
+    """Start the bootstrap on `spec`, wait at most `timeout` seconds, kill what is left, and return
+    (returncode or None at the timeout, what the runner reported on its pipe, wall seconds).
+    Output goes to host_dir/stdout and host_dir/stderr."""
+    nonce_r, nonce_w = os.pipe()
+    done_r, done_w = os.pipe()
+    setup_r, setup_w = os.pipe()  # the bootstrap reports a failed set-up here, never the program
+    os.write(nonce_w, nonce)
+    os.close(nonce_w)
+    argv = [sys.executable, "-I", "-B", os.path.abspath(__file__), "--child", json.dumps(spec)]
+    argv += [str(nonce_r), str(done_w), str(setup_w)]
+    out_path, err_path = os.path.join(host_dir, "stdout"), os.path.join(host_dir, "stderr")
+    start = time.monotonic()
+    returncode: int | None = None
+    try:
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=_child_env(spec["work"], spec["privileged"]),
+                cwd=spec["work"],
+                start_new_session=True,
+                pass_fds=(nonce_r, done_w, setup_w),
+            )
+        os.close(nonce_r)
+        os.close(done_w)
+        os.close(setup_w)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            _end(proc, cgroups, uid)
+        duration = time.monotonic() - start
+        setup_error = _read_ready(setup_r, 4096).decode(errors="replace")
+        if setup_error:
+            raise SandboxError(
+                f"The sandbox could not isolate the program ({setup_error.strip()}); it needs "
+                "Linux mount/network namespaces and setuid as root, or an unprivileged caller."
+            )
+        return returncode, _read_ready(done_r, 64), duration
+    finally:
+        os.close(done_r)
+        os.close(setup_r)
+
+
+def _scratch(program: str, uid: int | None) -> tuple[str, str]:
+    """(host_dir, work): a fresh directory whose `work/` holds program.py, owned by `uid` if given.
+    The child sees only `work/`; its stdout and stderr files go next to it, never visible inside."""
+    host_dir = tempfile.mkdtemp(prefix="calm-sandbox-")
+    work = os.path.join(host_dir, "work")
+    os.mkdir(work)
+    with open(os.path.join(work, "program.py"), "w", encoding="utf-8") as f:
+        f.write(program)
+    if uid is not None:
+        os.chown(work, uid, uid)
+        os.chown(os.path.join(work, "program.py"), uid, uid)
+    return host_dir, work
+
+
+def _child_spec(
+    work: str, uid: int, privileged: bool, cgroups: _Cgroups | None, hide: tuple[str, ...]
+) -> dict:
+    """What the bootstrap sets up: identity, cgroups, the directories to hide and to keep."""
+    hidden = [os.path.expanduser("~"), os.getcwd(), "/tmp", "/var/tmp", "/dev/shm", *hide]
+    if _project_root():
+        hidden.append(_project_root())
+    return {
+        "privileged": privileged,
+        "uid": uid,
+        "cgroups": list(cgroups.dirs) if cgroups else [],
+        "hide": sorted({os.path.realpath(p) for p in hidden if _hideable(p)}),
+        "keep": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}),
+        "work": work,
+    }
+
+
+def _child_env(work: str, privileged: bool) -> dict[str, str]:
+    """The child's whole environment: nothing of the caller's is passed on."""
+    return {
+        "PATH": "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": "/tmp/sandbox" if privileged else work,
+        "PYTHONHASHSEED": "0",
+        "PYTHONIOENCODING": "utf-8",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def _end(proc: subprocess.Popen, cgroups: _Cgroups | None, uid: int | None) -> None:
+    """Kill the child's session, then everything left in its cgroups (or, without cgroups, every
+    process of its uid when it had one), and reap the child."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if cgroups:
+        cgroups.kill_all()
+    elif uid is not None:
+        for _ in range(20):
+            if not _uid_processes(uid):
+                break
+            _kill_uid(uid)
+    proc.wait()
+
+
+def _read_ready(fd: int, n: int) -> bytes:
+    """Up to `n` bytes already written to pipe `fd`, without waiting (b"" when none)."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, n)
+    except BlockingIOError:
+        return b""
 
 
 def _libc_call(name: str, *args) -> None:
