@@ -182,16 +182,28 @@ def train(s: Setup, anchor, aug, connections=None, target: Target = CPU) -> dict
 
 
 def section(s: Setup, with_peer: bool, target: Target = CPU) -> dict:
+    """Every measurement of one config, in this order: training step and its peak memory against
+    the reference, the augmenting-state cache, generation against its bound, causality, the peer."""
     anchor, aug = models(s, target)
     out: dict = {"setup": asdict(s)}
-    sync = target.sync
-
-    # 1. training step and peak memory against the reference
     tr = train(s, anchor, aug, target=target)
     fns = tr.pop("_fns")
     out["train"] = tr
+    out["memory"] = memory(fns, target)
+    model = CALM(anchor, aug, target.config(init="default"))
+    ids = random_ids(s, s.batch, s.seq, device=target.device)
+    out["aug_cache"] = aug_cache(s, model, ids, target)
+    out["generate"] = generation(s, model, anchor, aug, target)
+    out["causal"] = {"calm_leaks": leaks(lambda x: model(x).logits.detach(), ids)}
+    if with_peer:
+        out["peer_calm_pytorch"] = peer_section(s, anchor, aug, model.connections, target)
+    return out
+
+
+def memory(fns: dict, target: Target) -> dict:
+    """Peak memory of one training step of CALM (both configs) against the reference's."""
     mem = {name: measure.peak_memory(fn, device=target.device) for name, fn in fns.items()}
-    out["memory"] = {
+    return {
         "calm_peak_bytes": mem["calm"],
         "reference_peak_bytes": mem["reference"],
         "calm_default_config_peak_bytes": mem["calm_default_config"],
@@ -199,25 +211,30 @@ def section(s: Setup, with_peer: bool, target: Target = CPU) -> dict:
         "ratio_default_config": mem["calm_default_config"] / mem["reference"],
     }
 
-    # 4. augmenting-state cache: a later epoch's step with the states computed once
-    model = CALM(anchor, aug, target.config(init="default"))
-    ids = random_ids(s, s.batch, s.seq, device=target.device)
+
+def aug_cache(s: Setup, model: CALM, ids: torch.Tensor, target: Target) -> dict:
+    """A later epoch's training step with the augmenting states computed once, against without."""
     states = model.augment_states(ids)
     t = measure.interleaved(
         {"without": calm_step(model, ids), "with": calm_step(model, ids, states)},
         s.reps,
-        sync=sync,
+        sync=target.sync,
     )
-    out["aug_cache"] = {
+    return {
         "step_ms_without": 1e3 * measure.median(t["without"]),
         "step_ms_with": 1e3 * measure.median(t["with"]),
         "speedup": measure.paired_ratio(t["without"], t["with"]),
     }
 
-    # 3. generation: both caches vs each model alone (the bound), whole calls timed in turn;
-    # beside them the two models alternated token by token with no blocks, which any composed
-    # decode must do: it splits CALM's gap into the cost of alternating and the blocks' own work.
-    # Then token by token (Lockstep), and vs full recomputation (few reps: slow, large speedup).
+
+def generation(s: Setup, model: CALM, anchor, aug, target: Target) -> dict:
+    """Generation with both caches against each model alone (the bound), whole calls timed in turn.
+
+    Beside them, the two models alternated token by token with no blocks, which any composed
+    decode must do: it splits CALM's gap into the cost of alternating and the blocks' own work.
+    Then token by token (Lockstep), and against full recomputation (few reps: slow, large speedup).
+    """
+    sync = target.sync
     prompt = random_ids(s, 1, s.prompt, seed=1, device=target.device)
     n = s.new_tokens
     results = {}
@@ -266,7 +283,7 @@ def section(s: Setup, with_peer: bool, target: Target = CPU) -> dict:
         sync=sync,
     )
     tps = {k: n / measure.median(v) for k, v in t.items()}
-    out["generate"] = {
+    return {
         "new_tokens": n,
         "reps": s.bound_reps,
         "tps_anchor": tps["anchor"],
@@ -290,10 +307,6 @@ def section(s: Setup, with_peer: bool, target: Target = CPU) -> dict:
         "speedup_vs_recompute": measure.paired_ratio(r["recompute"], r["calm"]),
         "cached_matches_recompute": torch.equal(results["calm"], results["recompute"]),
     }
-    out["causal"] = {"calm_leaks": leaks(lambda x: model(x).logits.detach(), ids)}
-    if with_peer:
-        out["peer_calm_pytorch"] = peer_section(s, anchor, aug, model.connections, target)
-    return out
 
 
 def peer_section(s: Setup, anchor, aug, connections, target: Target) -> dict:
