@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calm.errors import UserError
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation with a learned per-channel scale."""
@@ -133,12 +135,12 @@ class CrossAttentionBlock(_BlockMath, nn.Module):
     ) -> None:
         super().__init__()
         if rope and (anchor_dim // max(num_heads, 1)) % 2:
-            raise ValueError(
+            raise UserError(
                 f"rope needs an even head width, got {anchor_dim} / {num_heads} heads; change "
                 "CALMConfig(num_heads=...)."
             )
         if anchor_dim % num_heads:
-            raise ValueError(
+            raise UserError(
                 f"num_heads={num_heads} must divide the anchor width {anchor_dim}; pick a divisor "
                 f"of {anchor_dim} in CALMConfig(num_heads=...)."
             )
@@ -329,3 +331,51 @@ def attention_mask(
     rows = (has_key[:, 0] & query_valid)[..., None]  # (B, T, 1)
     mask = mask | ~has_key[..., None]
     return mask, rows
+
+
+def attention_masks(
+    key_masks: list[torch.Tensor],
+    query_mask: torch.Tensor,
+    past_length: int,
+    causal: bool,
+    visible: list[torch.Tensor] | None = None,
+    padded: bool | None = None,
+) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """`attention_mask` per augmenting model of one call, for queries at stream positions
+    past_length + t; (None, None) for all when nothing is padded and plain causal attention does.
+
+    key_masks[i]: (B, S_i) padding mask of what augmenting model i has read (past included);
+    query_mask: (B, P + T) anchor padding mask (past included);
+    causal: the shared-stream rule (mode="causal"); otherwise every real key is visible;
+    visible[i]: (B, T) how many real keys of augmenting model i each query sees (replaces the
+    shared-stream rule; see `calm.tokenizers`);
+    padded: whether any of these masks holds a zero, when the caller knows (None: look, one
+    host sync per mask).
+    """
+    device = query_mask.device
+    offset = past_length if causal else None
+    T = query_mask.shape[1] - past_length
+    same_stream = (
+        visible is None
+        and offset is not None
+        and (offset == 0 or T == 1)
+        and all(k.shape[1] == offset + T for k in key_masks)
+    )
+    if same_stream and padded is None:
+        padded = not (bool(query_mask.all()) and all(bool(k.all()) for k in key_masks))
+    if same_stream and not padded:
+        # nothing padded: plain causal attention, no mask to build (see CrossAttentionBlock)
+        return [(None, None)] * len(key_masks)
+    query_valid = query_mask[:, past_length:].bool()
+    if visible is not None:
+        return [
+            attention_mask(k.to(device).bool(), query_valid, None, v)
+            for k, v in zip(key_masks, visible)
+        ]
+    built: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    out = []
+    for key_mask in key_masks:
+        if id(key_mask) not in built:  # causal mode: one mask shared by every block
+            built[id(key_mask)] = attention_mask(key_mask.to(device).bool(), query_valid, offset)
+        out.append(built[id(key_mask)])
+    return out

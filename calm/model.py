@@ -20,13 +20,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from calm import decoding, hf
-from calm.config import CALMConfig, Connection
-from calm.cross_attention import CrossAttentionBlock, FoldedBlock, rope_tables
-from calm.cross_attention import attention_mask as build_mask
+from calm import checks, decoding, hf
+from calm.config import CALMConfig
+from calm.cross_attention import CrossAttentionBlock, FoldedBlock, attention_masks, rope_tables
 from calm.errors import UserError
-from calm.generation import check_sampling, next_token
-from calm.layer_map import default_connections
+from calm.generation import chooser
 from calm.tokenizers import TokenizerPair
 
 AugStates = dict[tuple[int, int], torch.Tensor]  # (augment, aug_layer) -> (B, S, A)
@@ -98,33 +96,33 @@ class CALM(nn.Module):
             raise TypeError(f"config must be a calm.CALMConfig, got {type(config).__name__}.")
         hf.check_causal_lm(anchor, "anchor")
         augs = list(augments) if isinstance(augments, (list, tuple, nn.ModuleList)) else [augments]
-        if not augs:
-            raise ValueError("Give at least one augmenting model.")
         for i, aug in enumerate(augs):
             hf.check_causal_lm(aug, f"augmenting model {i}")
+        if tokenizers is not None and not isinstance(tokenizers, TokenizerPair):
+            raise TypeError(
+                f"tokenizers must be a calm.TokenizerPair, got {type(tokenizers).__name__}."
+            )
+        anchor_dim = hf.hidden_size(anchor)
+        num_heads = config.num_heads or hf.num_attention_heads(anchor)
+        checks.composition(config, len(augs), anchor_dim, num_heads, tokenizers is not None)
         self.calm_config = config
         self.anchor = anchor
         self.augments = nn.ModuleList(augs)
         # Plain tuples: the layers are already submodules of the base models.
         self._anchor_layers = tuple(hf.decoder_layers(anchor))
         self._aug_layers = tuple(tuple(hf.decoder_layers(a)) for a in augs)
-        self.connections = self._resolve_connections(config)
-        self.tokenizers = self._check_tokenizers(tokenizers)
-        if config.rope and tokenizers is not None:
-            raise ValueError(
-                "rope needs one token stream; with a TokenizerPair the two models' positions "
-                "differ: use CALMConfig(rope=False)."
-            )
-        if config.mode == "causal" and tokenizers is None:
-            self._check_vocabularies()
-
-        anchor_dim = hf.hidden_size(anchor)
-        num_heads = config.num_heads or hf.num_attention_heads(anchor)
-        if anchor_dim % num_heads:
-            raise ValueError(
-                f"num_heads={num_heads} does not divide the anchor width {anchor_dim}; set "
-                f"CALMConfig(num_heads=...) to a divisor of {anchor_dim}."
-            )
+        self.connections = checks.connections(
+            config.connections,
+            config.every,
+            len(self._anchor_layers),
+            [len(x) for x in self._aug_layers],
+        )
+        self.tokenizers = tokenizers
+        vocabs = (hf.vocab_size(anchor), [hf.vocab_size(a) for a in augs])
+        if tokenizers is not None:
+            tokenizers.check_models(*vocabs)
+        elif config.mode == "causal":
+            checks.shared_vocabulary(*vocabs)
         self.blocks = nn.ModuleList(
             CrossAttentionBlock(
                 hf.hidden_size(augs[c.augment]),
@@ -152,70 +150,6 @@ class CALM(nn.Module):
         self._removed = False
 
     # ----------------------------------------------------------------------------- set-up
-
-    def _resolve_connections(self, config: CALMConfig) -> tuple[Connection, ...]:
-        n_anchor = len(self._anchor_layers)
-        if config.connections is None:
-            return tuple(
-                c
-                for i, layers in enumerate(self._aug_layers)
-                for c in default_connections(len(layers), n_anchor, config.every, i)
-            )
-        seen = set()
-        for c in config.connections:
-            if c.augment >= len(self._aug_layers):
-                raise ValueError(
-                    f"{c} names augmenting model {c.augment}, but only "
-                    f"{len(self._aug_layers)} were given (indices start at 0)."
-                )
-            if c.aug_layer >= len(self._aug_layers[c.augment]):
-                raise ValueError(
-                    f"{c}: aug_layer must be < {len(self._aug_layers[c.augment])}, the number of "
-                    f"decoder layers of augmenting model {c.augment}."
-                )
-            if c.anchor_layer >= n_anchor:
-                raise ValueError(
-                    f"{c}: anchor_layer must be < {n_anchor}, the number of anchor decoder layers."
-                )
-            if c in seen:
-                raise ValueError(f"{c} appears twice in connections; list each connection once.")
-            seen.add(c)
-        return tuple(config.connections)
-
-    def _check_vocabularies(self) -> None:
-        anchor_vocab = hf.vocab_size(self.anchor)
-        for i, aug in enumerate(self.augments):
-            if hf.vocab_size(aug) != anchor_vocab:
-                raise ValueError(
-                    f"Causal mode feeds the same token ids to both models, but the anchor's "
-                    f"vocabulary has {anchor_vocab} entries and augmenting model {i}'s has "
-                    f"{hf.vocab_size(aug)}; pass tokenizers=calm.TokenizerPair(anchor_tokenizer, "
-                    f"aug_tokenizers), use models that share a tokenizer, or "
-                    f'CALMConfig(mode="encoder") with aug_input_ids.'
-                )
-
-    def _check_tokenizers(self, pair: TokenizerPair | None) -> TokenizerPair | None:
-        if pair is None:
-            return None
-        if not isinstance(pair, TokenizerPair):
-            raise TypeError(f"tokenizers must be a calm.TokenizerPair, got {type(pair).__name__}.")
-        if self.calm_config.mode != "causal":
-            raise ValueError(
-                'A TokenizerPair aligns one text read by both sides; use CALMConfig(mode="causal").'
-            )
-        if len(pair) != len(self.augments):
-            raise ValueError(
-                f"The TokenizerPair has {len(pair)} augmenting tokenizers for "
-                f"{len(self.augments)} augmenting models; give one per model, in order."
-            )
-        for model, side in ((self.anchor, pair.anchor), *zip(self.augments, pair.augs)):
-            if side.vocab_size > hf.vocab_size(model):
-                raise ValueError(
-                    f"The {side.role} tokenizer has {side.vocab_size} tokens but its model's "
-                    f"embedding has {hf.vocab_size(model)} rows; pair each model with its own "
-                    "tokenizer."
-                )
-        return pair
 
     def _base_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.anchor.parameters()
@@ -300,16 +234,6 @@ class CALM(nn.Module):
         if self._removed:
             raise RuntimeError("This composition was removed; build a new calm.CALM to compose.")
 
-    def _check_ids(self, name: str, ids: torch.Tensor, device: torch.device | None) -> None:
-        """2-D ids on `device` (None: any device; augmenting inputs are moved to their model)."""
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            raise TypeError(f"{name} must be a 2-D tensor of token ids (batch, length).")
-        if device is not None and ids.device != device:
-            raise ValueError(
-                f"{name} is on {ids.device} but the model that reads it is on {device}; "
-                f"move it with .to({str(device)!r})."
-            )
-
     def _aug_inputs(
         self,
         input_ids: torch.Tensor,
@@ -317,37 +241,18 @@ class CALM(nn.Module):
         aug_input_ids,
         aug_attention_mask,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per augmenting model: the ids it reads and their mask."""
-        if self.calm_config.mode == "causal" and self.tokenizers is None:
-            return [(input_ids, attention_mask)] * len(self.augments)
-        if aug_input_ids is None and self.tokenizers is not None:
-            raise ValueError(
-                "This composition pairs different tokenizers: pass the batch its TokenizerPair "
-                "makes, as model(**pair(texts))."
-            )
-        if aug_input_ids is None:
-            raise ValueError(
-                "Encoder mode needs aug_input_ids (the prompt the augmenting models read); pass "
-                'them, or use CALMConfig(mode="causal").'
-            )
-        ids = aug_input_ids if isinstance(aug_input_ids, (list, tuple)) else [aug_input_ids]
-        masks = (
-            aug_attention_mask
-            if isinstance(aug_attention_mask, (list, tuple))
-            else [aug_attention_mask] * len(ids)
+        """Per augmenting model: the ids it reads and their mask (`calm.checks.aug_inputs`)."""
+        paired = self.tokenizers is not None
+        shared = self.calm_config.mode == "causal" and not paired
+        return checks.aug_inputs(
+            input_ids,
+            attention_mask,
+            aug_input_ids,
+            aug_attention_mask,
+            len(self.augments),
+            shared,
+            paired,
         )
-        if len(ids) == 1:
-            ids, masks = ids * len(self.augments), masks * len(self.augments)
-        if len(ids) != len(self.augments):
-            raise ValueError(
-                f"Got {len(ids)} aug_input_ids tensors for {len(self.augments)} augmenting models; "
-                "give one tensor (shared) or one per augmenting model."
-            )
-        out = []
-        for x, m in zip(ids, masks):
-            self._check_ids("aug_input_ids", x, None)
-            out.append((x, torch.ones_like(x) if m is None else m))
-        return out
 
     def _run_augment(
         self,
@@ -421,77 +326,17 @@ class CALM(nn.Module):
         past_length: int,
         visible: list[torch.Tensor] | None = None,
         padded: bool | None = None,
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(mask, rows) per augmenting model, for queries at stream positions past_length + t.
-
-        key_masks[i]: (B, S_i) padding mask of what augmenting model i has read (past included);
-        query_mask: (B, P + T) anchor padding mask (past included);
-        visible[i]: (B, T) how many real keys of augmenting model i each query sees (replaces the
-        shared-stream rule; see `calm.tokenizers`);
-        padded: whether any of these masks holds a zero, when the caller knows (None: look, one
-        host sync per mask).
-        """
-        device = query_mask.device
-        offset = past_length if self.calm_config.mode == "causal" else None
-        T = query_mask.shape[1] - past_length
-        same_stream = (
-            visible is None
-            and offset is not None
-            and (offset == 0 or T == 1)
-            and all(k.shape[1] == offset + T for k in key_masks)
-        )
-        if same_stream and padded is None:
-            padded = not (bool(query_mask.all()) and all(bool(k.all()) for k in key_masks))
-        if same_stream and not padded:
-            # nothing padded: plain causal attention, no mask to build (see CrossAttentionBlock)
-            return [(None, None)] * len(key_masks)
-        query_valid = query_mask[:, past_length:].bool()
-        if visible is not None:
-            return [
-                build_mask(k.to(device).bool(), query_valid, None, v)
-                for k, v in zip(key_masks, visible)
-            ]
-        built: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        out = []
-        for key_mask in key_masks:
-            if id(key_mask) not in built:  # causal mode: one mask shared by every block
-                built[id(key_mask)] = build_mask(key_mask.to(device).bool(), query_valid, offset)
-            out.append(built[id(key_mask)])
-        return out
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """(mask, rows) per augmenting model: `calm.cross_attention.attention_masks` in this
+        composition's mode."""
+        causal = self.calm_config.mode == "causal"
+        return attention_masks(key_masks, query_mask, past_length, causal, visible, padded)
 
     def _check_visible(self, aug_visible, input_ids: torch.Tensor) -> list[torch.Tensor] | None:
-        """aug_visible as one (B, T) tensor per augmenting model; required with a TokenizerPair."""
-        if aug_visible is None:
-            if self.tokenizers is not None:
-                raise ValueError(
-                    "This composition pairs different tokenizers and needs aug_visible; pass the "
-                    "batch its TokenizerPair makes, as model(**pair(texts))."
-                )
-            return None
-        if self.calm_config.mode != "causal":
-            raise ValueError('aug_visible applies to CALMConfig(mode="causal") only.')
-        visible = list(aug_visible) if isinstance(aug_visible, (list, tuple)) else [aug_visible]
-        if len(visible) != len(self.augments) or any(v.shape != input_ids.shape for v in visible):
-            raise ValueError(
-                f"aug_visible must hold one tensor of shape {tuple(input_ids.shape)} (like "
-                f"input_ids) per augmenting model ({len(self.augments)})."
-            )
-        return visible
-
-    def _check_texts(self, texts, input_ids: torch.Tensor, required: bool) -> None:
-        """texts (a TokenizerPair batch's): one per row of input_ids; required: for generation."""
-        if texts is None:
-            if required and not self._disabled:
-                raise ValueError(
-                    "Generation with a TokenizerPair continues the prompt texts; pass the batch "
-                    "its TokenizerPair makes, as model.generate(**pair(texts))."
-                )
-            return
-        if isinstance(texts, str) or len(texts) != input_ids.shape[0]:
-            raise ValueError(
-                f"texts must hold one text per row of input_ids ({input_ids.shape[0]}); pass "
-                "the batch its TokenizerPair makes whole, as model(**pair(texts))."
-            )
+        """aug_visible as one (B, T) tensor per augmenting model (`calm.checks.visible`)."""
+        causal = self.calm_config.mode == "causal"
+        paired = self.tokenizers is not None
+        return checks.visible(aug_visible, input_ids, len(self.augments), causal, paired)
 
     def _connection_states(self, states: AugStates) -> list[torch.Tensor | None]:
         """Per connection: its augmenting layer's output in `states` (None where absent), on the
@@ -603,8 +448,8 @@ class CALM(nn.Module):
         passed whole (`model(**pair(texts))`), so they are checked to hold one text per row."""
         self._check_live()
         device = hf.model_device(self.anchor)
-        self._check_ids("input_ids", input_ids, device)
-        self._check_texts(texts, input_ids, required=False)
+        checks.token_ids("input_ids", input_ids, device)
+        checks.texts(texts, input_ids, required=False)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self._disabled:
@@ -662,33 +507,19 @@ class CALM(nn.Module):
         """
         self._check_live()
         device = hf.model_device(self.anchor)
-        self._check_ids("input_ids", input_ids, device)
+        checks.token_ids("input_ids", input_ids, device)
         if max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}.")
-        if do_sample:
-            check_sampling(temperature, top_k, top_p)
-            if generator is not None and generator.device != device:
-                raise ValueError(
-                    f"generator is on {generator.device} but the anchor samples on {device}; "
-                    f"make it with torch.Generator(device={str(device)!r})."
-                )
+        choose = chooser(do_sample, temperature, top_k, top_p, generator, device)
         if aug_visible is not None and self.tokenizers is None:
             raise ValueError(
                 "generate reads aug_visible only from a TokenizerPair batch; build the model "
                 "with CALM(..., tokenizers=pair), or drop aug_visible."
             )
-        self._check_texts(texts, input_ids, required=self.tokenizers is not None)
+        checks.texts(texts, input_ids, required=self.tokenizers is not None and not self._disabled)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         eos, pad_token_id = decoding.end_tokens(self.anchor, eos_token_id, pad_token_id, device)
-        choose = functools.partial(
-            next_token,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-        )
         return decoding.generate(
             self,
             input_ids,

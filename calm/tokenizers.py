@@ -160,6 +160,21 @@ class TokenizerPair:
         """The number of augmenting tokenizers."""
         return len(self.augs)
 
+    def check_models(self, anchor_vocab: int, aug_vocabs: Sequence[int]) -> None:
+        """Refuse models this pair cannot feed: one augmenting model per augmenting tokenizer,
+        each model's embedding (`*_vocab` rows) holding its tokenizer's ids."""
+        if len(aug_vocabs) != len(self.augs):
+            raise UserError(
+                f"The TokenizerPair has {len(self.augs)} augmenting tokenizers for "
+                f"{len(aug_vocabs)} augmenting models; give one per model, in order."
+            )
+        for rows, side in ((anchor_vocab, self.anchor), *zip(aug_vocabs, self.augs)):
+            if side.vocab_size > rows:
+                raise UserError(
+                    f"The {side.role} tokenizer has {side.vocab_size} tokens but its model's "
+                    f"embedding has {rows} rows; pair each model with its own tokenizer."
+                )
+
     def _anchor_rows(
         self, texts: list[str], append_eos: bool
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
