@@ -198,7 +198,7 @@ class _Aligned(_Composed):
         self.caches = [hf.new_cache(aug) for aug in model.augments]
         self.masks_padded = padded
         self.stream = model.tokenizers.stream(batch)
-        self.key_masks = self.stream.read_masks
+        self.key_masks = self.stream.read_masks  # the stream's list: `feed` grows its masks
         self.visible = batch["aug_visible"]
         states: AugStates = {}
         for i, (ids, cache) in enumerate(zip(batch["aug_input_ids"], self.caches, strict=True)):

@@ -8,6 +8,7 @@ from conftest import random_ids, randomize_blocks, tiny_lm
 
 import calm
 from calm import CALM, CALMConfig, Connection
+from calm.model import next_token_loss
 
 
 def full_recompute_greedy(model, ids, mask, steps, eos=2, pad=0):
@@ -130,6 +131,19 @@ def test_no_nan_for_rows_without_keys(pair):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.trainable_parameters())
+
+
+def test_next_token_loss_is_the_forward_loss(pair):
+    model = CALM(*pair)
+    randomize_blocks(model)
+    ids, mask = left_padded()
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(ids, attention_mask=mask, labels=labels)
+    assert torch.equal(next_token_loss(out.logits, labels), out.loss)
+    counted = (labels[:, 1:] != -100).sum()  # labels are shifted inside: the first is never used
+    total = next_token_loss(out.logits, labels, reduction="sum")
+    torch.testing.assert_close(total / counted, out.loss)
+    assert total.dtype == torch.float32
 
 
 def test_cached_generate_matches_full_recomputation(pair):

@@ -391,6 +391,18 @@ def test_bad_input(toks):
         shared(ids, aug_visible=[torch.ones(1, 1, dtype=torch.long)])
 
 
+def test_forward_reads_the_batch_texts(toks):
+    """A TokenizerPair batch is passed whole; forward checks that its texts match its rows."""
+    pair, model = composed(toks["unigram"], toks["bpe"])
+    batch = pair(["hello there", "general kenobi"])
+    want = model(**batch).logits
+    assert torch.equal(model(**{k: v for k, v in batch.items() if k != "texts"}).logits, want)
+    with pytest.raises(ValueError, match="one text per row"):
+        model(**{**batch, "texts": batch["texts"][:1]})
+    with pytest.raises(ValueError, match="one text per row"):
+        model.generate(**{**batch, "texts": "hello there"}, max_new_tokens=1)
+
+
 def test_append_eos_and_labels(toks):
     pair = TokenizerPair(toks["bpe"], toks["unigram"])
     prompts, completions = ["Moni, muli", "def add(a, b):"], [" bwanji?", "\n    return a+b"]
