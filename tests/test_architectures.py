@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONFIGS, random_ids, randomize_blocks, tiny_lm
+from conftest import FAMILIES, random_ids, randomize_blocks, tiny_lm
 from test_model import full_recompute_greedy, left_padded
 
 from calm import CALM
 from calm.hf import decoder_layers
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_composed_pair(family):
     anchor = tiny_lm(family, 32, 4, seed=0)
     aug = tiny_lm(family, 32, 4, seed=1)
