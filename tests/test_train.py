@@ -244,7 +244,6 @@ def test_loss_counts_only_labelled_tokens(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     from calm import hf
-    from calm.train import anchor_checkpointing
 
     model = make_model(dropout=0.0)
     ids = torch.randint(3, VOCAB, (2, 9))
@@ -266,7 +265,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             inner.__setitem__(i, inner[i] + 1),
             originals[i](*a, **k),
         )[1]
-    with anchor_checkpointing(model):
+    with hf.checkpointed_layers(model.anchor):
         checkpointed = grads()
     assert calls == [1] * len(layers)
     first = min(c.anchor_layer for c in model.connections)
@@ -370,3 +369,137 @@ def test_trains_under_transformers_trainer(tmp_path):
         if not n.startswith("blocks."):
             assert torch.equal(p, base[n]), n
     assert all(not torch.equal(a, b) for a, b in zip(before, weights(model)))
+
+
+# ------------------------------------------------------------------ the other kinds of model
+
+
+def lora_model(seed: int = 0, base_seed: int = 0):
+    """The tiny anchor with LoRA adapters (their initialisation drawn with `seed`)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_lm("llama", 32, 4, seed=base_seed)
+    torch.manual_seed(seed)
+    return get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+
+
+def trainable(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_lora_model_trains_its_adapters_and_resumes_exactly(tmp_path):
+    data = records(10)
+    full = lora_model()
+    frozen = {n: p.clone() for n, p in full.named_parameters() if not p.requires_grad}
+    before = trainable(full)
+    result = train(full, data, config=config(tmp_path, "full", max_steps=6))
+    assert result.step == 6 and result.skipped_steps == 0
+    for n, p in full.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainable(full)))
+    saved = {p.name for p in Path(result.checkpoint).iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "state.json"} <= saved
+    assert "trainer_state.pt" in saved and "composition.safetensors" not in saved
+
+    first = train(lora_model(), data, config=config(tmp_path, "split", max_steps=6, stop_after=3))
+    assert first.interrupted and first.step == 3
+    resumed = lora_model(seed=7)  # other adapter initialisation: the checkpoint replaces it
+    second = train(resumed, data, config=config(tmp_path, "split", max_steps=6), resume=True)
+    assert second.step == 6
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    for a, b in zip(trainable(full), trainable(resumed)):
+        assert torch.equal(a, b)
+
+    other = lora_model(seed=7, base_seed=99)  # another base model under the adapters
+    mine = trainable(other)
+    with pytest.raises(ValueError, match="Cannot resume .* the model differs"):
+        train(other, data, config=config(tmp_path, "split", max_steps=6), resume=True)
+    for a, b in zip(mine, trainable(other)):  # refused: its own adapter weights are back
+        assert torch.equal(a, b)
+
+
+def test_full_fine_tune_trains_and_its_checkpoint_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    def fine_tuned():  # the tiny anchor, all but its embeddings trainable
+        model = tiny_lm("llama", 32, 4, seed=0)
+        model.model.embed_tokens.weight.requires_grad_(False)
+        return model
+
+    data = records(10)
+    model = fine_tuned()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, data, config=config(tmp_path, "ft", max_steps=4))
+    assert result.step == 4 and not model.training  # its eval mode is restored
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n == "model.embed_tokens.weight"), n
+    assert (Path(result.checkpoint) / "config.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(result.checkpoint)
+    for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
+
+    train(fine_tuned(), data, config=config(tmp_path, "s", max_steps=4, stop_after=2))
+    fresh = fine_tuned()
+    train(fresh, data, config=config(tmp_path, "s", max_steps=4), resume=True)
+    assert losses(tmp_path / "s") == losses(tmp_path / "ft")
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="aug_cache keeps a composition's"):
+        train(fresh, data, config=config(tmp_path, "c", aug_cache="memory"))
+
+
+def test_encoder_mode_composition_reads_the_prompt(tmp_path):
+    from calm.data import collate, encode
+    from calm.pretrain import build_tokenizer
+
+    tok = build_tokenizer()
+    data = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(4) for b in range(3)]
+    encoded = encode(data, tok, encoder=True)
+    pad = tok.pad_token_id
+    batch = collate(encoded, range(len(data)), pad_id=pad, aug_pad_ids=[pad])
+    assert batch["aug_input_ids"][0][0].tolist() == tok(data[0]["prompt"])["input_ids"]
+    model = CALM(*make_pair(), CALMConfig(mode="encoder", init="default"))
+    with torch.no_grad():  # the first step's loss: one batch of all the data, prompts to mA
+        want = float(model(**batch).loss)
+    before = weights(model)
+    cfg = config(tmp_path, "enc", batch_size=len(data), max_steps=3)
+    assert train(model, data, config=cfg, tokenizer=tok).step == 3
+    assert losses(cfg.output_dir)[1] == pytest.approx(want, abs=1e-5)
+    assert all(not torch.equal(a, b) for a, b in zip(before, weights(model)))
+    with pytest.raises(ValueError, match="encoder mode the augmenting models read the prompt"):
+        train(model, [{"text": "1+2=3"}] * 4, config=config(tmp_path, "bad"), tokenizer=tok)
+
+
+def test_min_lr_ratio_is_the_floor_of_the_decay(tmp_path):
+    from calm.train import lr_factor
+
+    assert lr_factor(0, 2, 10, "cosine", 0.1) == 0.5  # warmup ignores the floor
+    assert lr_factor(10, 2, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(6, 2, 10, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(6, 2, 10, "linear", 0.2) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert lr_factor(6, 2, 10, "cosine") == lr_factor(6, 2, 10, "cosine", 0.0) == 0.5
+    cfg = config(tmp_path, "floor", max_steps=4, warmup_steps=1, min_lr_ratio=0.25)
+    train(make_model(), records(8), config=cfg)
+    lines = (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
+    lrs = [json.loads(x)["lr"] for x in lines]
+    assert lrs[-1] == pytest.approx(0.25 * cfg.learning_rate)
+    with pytest.raises(ValueError, match="min_lr_ratio must be in"):
+        config(tmp_path, "x", min_lr_ratio=1.5)
+
+
+def test_on_step_can_end_the_training(tmp_path):
+    model = make_model()
+    model.eval()
+    seen = []
+
+    def on_step(step: int, loss: float) -> bool:
+        seen.append((step, model.training))
+        model.eval()  # as an evaluation would; the loop puts it back in training mode
+        return step == 3
+
+    result = train(model, records(8), config=config(tmp_path, "cb", max_steps=6), on_step=on_step)
+    assert seen == [(1, True), (2, True), (3, True)]
+    assert result.step == 3 and not result.interrupted
+    assert checkpoints(result.output_dir)[-1].name == "step-00000003"
+    assert not model.training
