@@ -213,7 +213,9 @@ class Experiment:
         directory = self.out / "train" / name
         shutil.rmtree(directory, ignore_errors=True)  # a row always trains afresh
         config = self.cfg.train_config(directory, aug_cache)
-        calm.train(model, records(self.dc(variant)), config=config, tokenizer=self.tok)
+        result = calm.train(model, records(self.dc(variant)), config=config, tokenizer=self.tok)
+        if result.interrupted:
+            raise KeyboardInterrupt(f"{name}: training stopped at step {result.step} by a signal.")
         lines = (directory / "metrics.jsonl").read_text().splitlines()
         losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r][-20:]
         return round(sum(losses) / len(losses), 4)
