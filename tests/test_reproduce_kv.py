@@ -60,6 +60,21 @@ def test_reproduce_writes_the_results_contract(bases_dir, tmp_path):
     assert results["rows"]["lora"]["parameters"] > 0
     assert (tmp_path / "results.md").read_text().startswith("# Key-value arithmetic")
     assert (tmp_path / "results.png").stat().st_size > 0
+    for row in expected - {"mA", "mB", "calm"}:  # every trained row went through calm.train
+        assert (tmp_path / "train" / row / "metrics.jsonl").is_file()
+
+
+def test_shipped_models_score_their_golden_numbers():
+    """calm.evaluate on the kv task gives the numbers the recipe's own greedy scoring gave
+    (seed 0, 300 held-out expressions: mA 287 KV-SUBS, mB 300 NUM-MATH, vanilla mA 1)."""
+    from calm.recipes.kv.reproduce import score
+
+    bases = load_bases()
+    golden = {"mA": (0.9567, 0.0, 0.0), "mB": (0.0, 1.0, 0.0), "vanilla_mA": (0.0, 0.0033, 0.0)}
+    for name, expected in golden.items():
+        scores, _ = score(bases.models[name], bases.tokenizer, bases.scale, seed=0, size=300)
+        got = tuple(round(scores[t], 4) for t in ("kv_subs", "num_math", "kv_math"))
+        assert got == expected, name
 
 
 def test_unknown_variant_raises():
@@ -102,7 +117,7 @@ def test_memorization_probe_reports_both_key_sets(wiring, tmp_path):
         check=True,
     ).stdout
     lines = out.splitlines()
-    assert [line.split()[1] for line in lines] == ["2", "3"]  # a piece of 2 steps, then 1 more
+    assert [line.split()[1] for line in lines] == ["2", "3"]  # every 2 steps, and the last
     assert all("held-out KV-SUBS" in line and "D_C-key KV-SUBS" in line for line in lines)
 
 

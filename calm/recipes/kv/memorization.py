@@ -1,10 +1,10 @@
 """A probe of key memorization in composition training: held-out vs D_C-key KV-SUBS accuracy.
 
 Trains the headline composition of `calm reproduce kv` (D_C = substitute then compute, with the
-replay and non-key shares, same seeding) through `calm.train` in pieces of `--eval-every` steps
-(each piece resumes the run from its checkpoint) and after each prints greedy KV-SUBS accuracy on
-150 expressions over held-out keys and on 100 over the D_C keys. A composition that copies mA's
-substitution scores alike on both; one that memorizes the D_C keys' values does not.
+replay and non-key shares, same seeding) through `calm.train`, and every `--eval-every` steps
+prints greedy KV-SUBS accuracy on 150 expressions over held-out keys and on 100 over the D_C
+keys. A composition that copies mA's substitution scores alike on both; one that memorizes the
+D_C keys' values does not.
 
     python -m calm.recipes.kv.memorization --seed 2 --lr 6e-3 --dropout 0.0
     python -m calm.recipes.kv.memorization --seed 2 --lr 6e-3 --dropout 0.1
@@ -14,11 +14,9 @@ substitution scores alike on both; one that memorizes the D_C keys' values does 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -75,21 +73,22 @@ def main(argv: list[str] | None = None) -> None:
     model = calm.CALM(mB, mA, calm.CALMConfig(rope=True, dropout=args.dropout, **wiring))
     out = Path(args.out or tempfile.mkdtemp(prefix="kv-memorization-"))
     shutil.rmtree(out, ignore_errors=True)
-    config = cfg.train_config(out, aug_cache="memory")
-    start = time.time()
-    stops = sorted({*range(args.eval_every, args.steps, args.eval_every), args.steps})
-    for i, stop in enumerate(stops):  # each piece stops (checkpointed) at `stop`
-        piece = replace(config, stop_after=stop)
-        calm.train(model, data, config=piece, tokenizer=tok, resume=i > 0)
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r][-20:]
+    start, losses = time.time(), []
+
+    def report(step: int, loss: float) -> None:
+        losses.append(loss)
+        if step % args.eval_every and step != args.steps:
+            return
         print(
-            f"step {stop} loss {sum(losses) / len(losses):.4f} "
+            f"step {step} loss {sum(losses[-20:]) / len(losses[-20:]):.4f} "
             f"held-out KV-SUBS {kv_subs_accuracy(model, tok, held):.3f} "
             f"D_C-key KV-SUBS {kv_subs_accuracy(model, tok, seen):.3f} "
             f"({time.time() - start:.0f} s)",
             flush=True,
         )
+
+    config = cfg.train_config(out, aug_cache="memory")
+    calm.train(model, data, config=config, tokenizer=tok, on_step=report)
     if args.out is None:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -177,12 +177,6 @@ def training_batch(draw, cfg: PretrainConfig, step: int, tokenizer, held: set[st
     return collate(data, range(len(data)), tokenizer.pad_token_id)  # (B, T) each
 
 
-def _lr_factor(step: int, cfg: PretrainConfig) -> float:
-    """`calm.train.lr_factor`'s warmup and cosine, decaying to `MIN_LR_RATIO` of the peak."""
-    factor = lr_factor(step, cfg.warmup_steps, cfg.max_steps, "cosine")
-    return factor if step < cfg.warmup_steps else MIN_LR_RATIO + (1 - MIN_LR_RATIO) * factor
-
-
 def _save_checkpoint(out: Path, model, optimizer, step: int, elapsed: float, best: float) -> None:
     state = {
         "model": model.state_dict(),
@@ -224,8 +218,9 @@ def pretrain(cfg: PretrainConfig, verbose: bool = True) -> dict:
     accuracy = best
     start = time.time() - elapsed
     while step < cfg.max_steps and accuracy < cfg.target_accuracy:
+        factor = lr_factor(step, cfg.warmup_steps, cfg.max_steps, "cosine", MIN_LR_RATIO)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.learning_rate * _lr_factor(step, cfg)
+            group["lr"] = cfg.learning_rate * factor
         loss = model(**training_batch(draw, cfg, step, tokenizer, held)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -86,7 +86,6 @@ class ReproduceConfig:
             max_steps=self.steps,
             max_length=None,
             seed=self.seed,
-            log_every=1,
             aug_cache=aug_cache,
         )
 
@@ -213,12 +212,17 @@ class Experiment:
         directory = self.out / "train" / name
         shutil.rmtree(directory, ignore_errors=True)  # a row always trains afresh
         config = self.cfg.train_config(directory, aug_cache)
-        result = calm.train(model, records(self.dc(variant)), config=config, tokenizer=self.tok)
+        losses: list[float] = []
+        result = calm.train(
+            model,
+            records(self.dc(variant)),
+            config=config,
+            tokenizer=self.tok,
+            on_step=lambda step, loss: losses.append(loss),
+        )
         if result.interrupted:
             raise KeyboardInterrupt(f"{name}: training stopped at step {result.step} by a signal.")
-        lines = (directory / "metrics.jsonl").read_text().splitlines()
-        losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r][-20:]
-        return round(sum(losses) / len(losses), 4)
+        return round(sum(losses[-20:]) / len(losses[-20:]), 4)
 
     def compose(self, name: str, aug, variant: str, mode: str = "causal") -> int:
         """Train and score the composition of mB with `aug`; returns its parameter count."""
