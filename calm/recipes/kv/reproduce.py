@@ -99,8 +99,8 @@ def score(model, tokenizer, scale, seed: int, size: int, samples: int = 3) -> tu
         task = held_out_task(data_set, scale, seed, size)
         result = calm.evaluate(model, task, tokenizer=tokenizer, batch_size=256, progress=False)
         scores[data_set] = sum(r["correct"] for r in result.samples) / len(result.samples)
-        shown[data_set] = [f"{r['prompt']} -> {r['completions'][0]}" for r in result.samples]
-        shown[data_set] = shown[data_set][:samples]
+        first = result.samples[:samples]
+        shown[data_set] = [f"{r['prompt']} -> {r['completions'][0]}" for r in first]
     return scores, shown
 
 
