@@ -6,31 +6,20 @@ import argparse
 import importlib
 import sys
 
-# Each subcommand lives in calm/commands/<module>.py and defines
+from calm.errors import UserError
+
+# Each subcommand lives in calm/commands/<name>.py and defines
 #   HELP: str                                   one-line description
 #   add_arguments(parser: ArgumentParser) -> None
 #   run(args: Namespace) -> int                 exit status
-COMMANDS = {
-    "train": "train",
-    "generate": "generate",
-    "info": "info",
-    "eval": "eval",
-    "pretrain": "pretrain",
-    "reproduce": "reproduce",
-}
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line on stderr, exit status 2."""
+COMMANDS = ("train", "generate", "info", "eval", "pretrain", "reproduce")
+# What a user's input causes: one line on stderr and exit status 2. Anything else is a bug in
+# calm or below it, and its traceback is shown.
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError)
 
 
 def _load(name: str):
-    try:
-        return importlib.import_module(f"calm.commands.{COMMANDS[name]}")
-    except ModuleNotFoundError as e:
-        if e.name == f"calm.commands.{COMMANDS[name]}":
-            return None
-        raise
+    return importlib.import_module(f"calm.commands.{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = _load(name)
-        if module is None:
-            continue
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -56,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
+    except USER_ERRORS as e:
         print(f"calm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_lm
 
 from calm.cli import build_parser, main
-from calm.pretrain import build_tokenizer
+from calm.recipes.kv.bases import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,23 @@ def test_bad_input_is_one_line(workspace, tmp_path, capsys):
         main([*train_args(workspace, tmp_path / "r"), "--no-such-option"])
     assert exit_info.value.code == 2
     assert "--no-such-option" in capsys.readouterr().err
+
+
+def test_a_bug_shows_its_traceback_and_bad_input_one_line(monkeypatch, capsys):
+    """Only UserError (and missing paths) are the user's: any other exception propagates."""
+    import calm.commands.info as info
+    from calm.errors import UserError
+
+    def bug(args):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(info, "run", bug)
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        main(["info", "somewhere"])
+
+    def bad_input(args):
+        raise UserError("the run directory holds no checkpoint; train into it first.")
+
+    monkeypatch.setattr(info, "run", bad_input)
+    assert main(["info", "somewhere"]) == 2
+    one_error_line(capsys, "info", "holds no checkpoint")

@@ -6,6 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
+from calm.errors import UserError
+
 HELP = "Evaluate a model or a trained composition on a task (calm eval --list shows the tasks)."
 
 
@@ -39,20 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     """(model, tokenizer, name) for --model, or --composition (with its TokenizerPair, if any)."""
-    from calm.commands.generate import load_run
-    from calm.commands.train import load_model, load_tokenizer, resolve_source
+    from calm.run import load_model, load_run, load_tokenizer, resolve_source
 
     if args.model:
         source = resolve_source(args.model)
         tokenizer = load_tokenizer(source)
         return load_model(source, "model"), tokenizer, Path(args.model).name or args.model
-    run_dir = Path(args.composition)
-    model, tokenizer = load_run(run_dir, args.checkpoint, args.anchor, args.augment)
-    return model, tokenizer, run_dir.name
+    loaded = load_run(args.composition, args.checkpoint, args.anchor, args.augment)
+    return loaded.model, loaded.tokenizer, Path(args.composition).name
 
 
 def run(args: argparse.Namespace) -> int:
-    from calm.cli import CLIError
     from calm.tasks.registry import list_tasks
 
     if args.list:
@@ -60,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{info.name:14s} {info.description}")
         return 0
     if not args.task:
-        raise CLIError("Name a task with --task (see `calm eval --list`).")
+        raise UserError("Name a task with --task (see `calm eval --list`).")
     if not (args.model or args.composition):
-        raise CLIError(
+        raise UserError(
             "Give the model to evaluate with --model PATH_OR_ID or --composition RUN_DIR."
         )
     import torch

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 HELP = "Generate text with a trained composition, streaming tokens as they come."
 
@@ -32,44 +30,6 @@ class TextStreamer:
         self.stream.flush()
 
 
-def base_models(run_dir: Path, checkpoint: Path) -> dict:
-    """Where the run's anchor, augmenting models and tokenizer came from."""
-    from calm.checkpoint import read_record
-    from calm.commands.train import MODELS_NAME
-
-    path = run_dir / MODELS_NAME
-    if path.is_file():
-        return json.loads(path.read_text())
-    record = read_record(checkpoint)
-    anchor = record["anchor"]["name_or_path"]
-    return {
-        "anchor": anchor,
-        "augments": [a["name_or_path"] for a in record["augments"]],
-        "tokenizer": anchor,
-    }
-
-
-def load_run(run_dir: Path, which: str, anchor: str | None, augments: list[str] | None):
-    """(composition, anchor tokenizer) of a run's checkpoint `which`, on its recorded base models
-    or the `anchor`/`augments` paths given instead; a run trained with different tokenizers gets
-    its TokenizerPair back (the augmenting tokenizers from the same paths as their models)."""
-    from calm import CALM
-    from calm.commands.train import load_model, load_tokenizer, resolve_source, tokenizer_pair
-    from calm.train import resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(run_dir, which)
-    models = base_models(run_dir, checkpoint)
-    anchor_src = resolve_source(anchor) if anchor else models["anchor"]
-    aug_srcs = [resolve_source(a) for a in augments] if augments else models["augments"]
-    tokenizer = load_tokenizer(anchor_src if anchor else models["tokenizer"])
-    pair = None
-    if models.get("aug_tokenizers"):
-        pair = tokenizer_pair(tokenizer, aug_srcs if augments else models["aug_tokenizers"])
-    anchor_model = load_model(anchor_src, "anchor")
-    aug_models = [load_model(s, f"augmenting model {i}") for i, s in enumerate(aug_srcs)]
-    return CALM.from_pretrained(checkpoint, anchor_model, aug_models, tokenizers=pair), tokenizer
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="Run directory written by `calm train`.")
     parser.add_argument("--prompt", required=True, help="Text to continue.")
@@ -87,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    model, tokenizer = load_run(Path(args.run_dir), args.checkpoint, args.anchor, args.augment)
-    model.eval()
+    from calm.run import load_run
+
+    loaded = load_run(args.run_dir, args.checkpoint, args.anchor, args.augment)
+    model, tokenizer = loaded.model, loaded.tokenizer
     if model.tokenizers is not None:
         inputs = dict(model.tokenizers([args.prompt]))
     else:

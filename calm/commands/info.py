@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 HELP = "Show a run's training config, base models, trainable parameters and last metrics."
 
@@ -12,24 +11,21 @@ HELP = "Show a run's training config, base models, trainable parameters and last
 def summary(run_dir: str) -> dict:
     """What `calm info` prints, as a dict."""
     from calm.checkpoint import read_record
-    from calm.commands.generate import base_models
-    from calm.train import CONFIG_NAME, checkpoints, resolve_checkpoint
+    from calm.run import Run
 
-    run = Path(run_dir)
-    checkpoint = resolve_checkpoint(run, "last")
+    run = Run(run_dir)
+    checkpoint = run.resolve("last")
     record = read_record(checkpoint)
-    config_path = run / CONFIG_NAME
-    metrics = run / "metrics.jsonl"
-    records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
-    best = run / "best" / "state.json"
+    records = run.metrics()
+    best = run.best_dir / "state.json"
     return {
-        "run_dir": str(run),
-        "train_config": json.loads(config_path.read_text()) if config_path.is_file() else None,
+        "run_dir": str(run.dir),
+        "train_config": run.config().to_dict() if run.config_path.is_file() else None,
         "calm_config": record["config"],
         "connections": record["connections"],
-        "base_models": base_models(run, checkpoint),
+        "base_models": run.base_models(checkpoint),
         "trainable_parameters": record["num_trainable_parameters"],
-        "checkpoints": [p.name for p in checkpoints(run)],
+        "checkpoints": [p.name for p in run.checkpoints()],
         "last_train": next((r for r in reversed(records) if "loss" in r), None),
         "last_eval": next((r for r in reversed(records) if "eval_loss" in r), None),
         "best": json.loads(best.read_text()) if best.is_file() else None,

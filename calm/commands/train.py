@@ -5,61 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
-from calm.cli import CLIError
 from calm.commands._options import Options, add_config_options, config_values
+from calm.errors import UserError
 
 HELP = "Train a composition of a frozen anchor and frozen augmenting models on a JSONL data set."
-MODELS_NAME = "models.json"  # in the run directory: where the base models and tokenizers came from
-
-
-def resolve_source(source: str) -> str:
-    """A local model directory as an absolute path (so the run dir records where it is); a hub id
-    unchanged; a path-like string that names no directory is refused."""
-    if os.path.isdir(source):
-        return str(Path(source).resolve())
-    if os.path.exists(source) or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise CLIError(f"Model directory {source} does not exist.")
-    return source
-
-
-def load_model(source: str, role: str):
-    """AutoModelForCausalLM.from_pretrained(source), with one-line errors."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    try:
-        return AutoModelForCausalLM.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"Cannot load the {role} from {source}: {first}") from None
-
-
-def load_tokenizer(source: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"Cannot load a tokenizer from {source}: {first}") from None
-
-
-def tokenizer_pair(anchor_tokenizer, aug_srcs: list[str]):
-    """A `calm.TokenizerPair` of the anchor's tokenizer and those of the augmenting models at
-    `aug_srcs`, or None when they all have the anchor's vocabulary (one shared token stream)."""
-    from calm import TokenizerPair
-
-    aug_tokenizers = [load_tokenizer(s) for s in aug_srcs]
-    vocab = anchor_tokenizer.get_vocab()
-    if all(t.get_vocab() == vocab for t in aug_tokenizers):
-        return None
-    try:
-        return TokenizerPair(anchor_tokenizer, aug_tokenizers)
-    except (TypeError, ValueError) as e:
-        raise CLIError(str(e)) from None
 
 
 # Options defaulting to TrainConfig's own defaults; the others are set in add_arguments.
@@ -88,7 +38,7 @@ RUN_CONTROL: Options = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from calm.train import CACHE_DTYPES, CACHES, PRECISIONS, SCHEDULES, TrainConfig
+    from calm.config import CACHE_DTYPES, CACHES, PRECISIONS, SCHEDULES, TrainConfig
 
     d = TrainConfig(output_dir="-", max_steps=1)
     choices = {
@@ -125,13 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calm import CALM, CALMConfig
-    from calm.checkpoint import atomic_write_text
-    from calm.train import NonFiniteLossError, TrainConfig, train
+    from calm import CALM, CALMConfig, TrainConfig, train
+    from calm.run import Run, load_model, load_tokenizer, resolve_source, tokenizer_pair
+    from calm.train import NonFiniteLossError
 
     for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
         if path is not None and not os.path.isfile(path):
-            raise CLIError(f"{flag} {path}: no such file.")
+            raise UserError(f"{flag} {path}: no such file.")
     config = TrainConfig(
         output_dir=args.out,
         max_steps=args.max_steps,
@@ -147,6 +97,16 @@ def run(args: argparse.Namespace) -> int:
     tok_src = resolve_source(args.tokenizer) if args.tokenizer else anchor_src
     tokenizer = load_tokenizer(tok_src)
     pair = tokenizer_pair(tokenizer, aug_srcs)
+    models = {"anchor": anchor_src, "augments": aug_srcs, "tokenizer": tok_src}
+    if pair is not None:  # each augmenting model reads the text with its own tokenizer
+        models["aug_tokenizers"] = aug_srcs
+    run_dir = Run(args.out)
+    saved = run_dir.models()
+    if args.resume and saved is not None and saved != models and not args.force:
+        raise UserError(
+            f"{run_dir.dir} was trained with other base models ({run_dir.models_path}); pass the "
+            "same --anchor/--augment/--tokenizer, or --force."
+        )
     anchor = load_model(anchor_src, "anchor")
     augments = [load_model(s, f"augmenting model {i}") for i, s in enumerate(aug_srcs)]
     model = CALM(
@@ -155,17 +115,6 @@ def run(args: argparse.Namespace) -> int:
         CALMConfig(every=args.every, num_heads=args.num_heads, dropout=args.dropout),
         tokenizers=pair,
     )
-    models = {"anchor": anchor_src, "augments": aug_srcs, "tokenizer": tok_src}
-    if pair is not None:  # each augmenting model reads the text with its own tokenizer
-        models["aug_tokenizers"] = aug_srcs
-    out = Path(args.out)
-    saved = out / MODELS_NAME
-    if args.resume and saved.is_file() and json.loads(saved.read_text()) != models:
-        if not args.force:
-            raise CLIError(
-                f"{out} was trained with other base models ({saved}); pass the same "
-                "--anchor/--augment/--tokenizer, or --force."
-            )
     try:
         result = train(
             model,
@@ -177,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
         )
     except NonFiniteLossError as e:
-        raise CLIError(str(e)) from None
-    atomic_write_text(saved, json.dumps(models, indent=2))
-    print(json.dumps({k: v for k, v in vars(result).items()}))
+        raise UserError(str(e)) from None
+    run_dir.write_models(**models)
+    print(json.dumps(dict(vars(result))))
     return 0
