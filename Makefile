@@ -27,10 +27,13 @@ $(DATA_STAMP): $(STAMP)
 	$(BIN)/python tools/hub_offline.py model smollm2-135m
 	touch $(DATA_STAMP)
 
-# tests/test_device.py skips without a GPU; its logic runs once more on the CPU here.
-test: $(STAMP) $(DATA_STAMP)
+# The architecture contracts (pyproject.toml, docs/architecture.md) and the linters first; then the
+# tests. tests/test_device.py skips without a GPU; its logic runs once more on the CPU here.
+test: $(STAMP) $(DATA_STAMP) lint
 	$(BIN)/python -m pytest -q
 	CALM_TEST_DEVICE=cpu $(BIN)/python -m pytest -q tests/test_device.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check calm tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/ruff check calm tests benchmarks tools examples
+	$(BIN)/ruff format --check calm tests benchmarks tools examples
