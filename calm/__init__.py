@@ -20,10 +20,11 @@ _EXPORTS = {
     "CALMConfig": "calm.config",
     "Connection": "calm.config",
     "TokenizerPair": "calm.tokenizers",
-    "TrainConfig": "calm.train",
+    "TrainConfig": "calm.config",
     "TrainResult": "calm.train",
     "default_connections": "calm.layer_map",
     "evaluate": "calm.eval",
+    "load_run": "calm.run",
     "train": "calm.train",
 }
 
@@ -36,17 +37,19 @@ __all__ = [  # the keys of _EXPORTS (a test checks), spelled out for tools that 
     "TrainResult",
     "default_connections",
     "evaluate",
+    "load_run",
     "train",
     "__version__",
 ]
 
 if TYPE_CHECKING:
-    from calm.config import CALMConfig, Connection
+    from calm.config import CALMConfig, Connection, TrainConfig
     from calm.eval import evaluate
     from calm.layer_map import default_connections
     from calm.model import CALM
+    from calm.run import load_run
     from calm.tokenizers import TokenizerPair
-    from calm.train import TrainConfig, TrainResult, train
+    from calm.train import TrainResult, train
 
 
 def __getattr__(name: str):
