@@ -91,3 +91,17 @@ def test_shipped_models_meet_their_gates():
     for name, gate in (("mA", 0.95), ("mB", 0.85)):
         sample = gate_task(name, gate_examples(task, name, 100))
         assert gate_accuracy(bases.models[name], bases.tokenizer, sample) >= gate - 0.03
+
+
+def test_cli_pretrains_a_micro_model_and_records_its_command(tmp_path, capsys):
+    from calm.cli import main
+
+    args = ["pretrain", "kv", "vanilla_mA", "--out", str(tmp_path), "--max-steps", "2"]
+    args += ["--batch-size", "4", "--eval-size", "4", "--num-keys", "20", "--operands", "2"]
+    args += ["--hidden-size", "16", "--layers", "1", "--heads", "2", "--threads", "1"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "pretrain.json").read_text())
+    assert summary["steps"] == 2 and summary["trained_on"] == "kv_subs (map_seed 1)"
+    assert summary["command"].startswith("calm pretrain kv vanilla_mA --out")
+    assert summary["config"]["scale"]["max_operands"] == 2
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["model"] == "vanilla_mA"
