@@ -137,6 +137,35 @@ def position_ids(attention_mask: torch.Tensor, past_length: int = 0) -> torch.Te
     return pos[:, past_length:]
 
 
+def layer_output(output) -> torch.Tensor:
+    """The hidden states (B, T, D) of a decoder layer's output (a tensor or a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_layer_output(output, hidden: torch.Tensor):
+    """A decoder layer's `output` with its hidden states replaced by `hidden`."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def mask_kwargs(
+    attention_mask: torch.Tensor | None, past_length: int, padded: bool | None = None
+) -> dict:
+    """attention_mask and position_ids for a base model's forward; none when nothing is padded
+    (or the mask is None: known unpadded), where the model derives the same positions itself and
+    skips its per-call mask work. padded: whether the mask holds a zero, when the caller knows
+    (None: look, one host sync)."""
+    if attention_mask is None:
+        return {}
+    if padded is None:
+        padded = not bool(attention_mask.all())
+    if not padded:
+        return {}
+    return {
+        "attention_mask": attention_mask,
+        "position_ids": position_ids(attention_mask, past_length),
+    }
+
+
 def model_identity(model: PreTrainedModel, weights: bool = True) -> dict[str, str]:
     """Class, name or path, config hash and a weight fingerprint: tells apart two checkpoints of
     one architecture. The one model-identity hash of the project (checkpoints, the trainer's

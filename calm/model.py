@@ -50,33 +50,6 @@ class _StopForward(Exception):
     """Raised by a hook after the last augmenting layer we need: the rest is never computed."""
 
 
-def _hidden(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace_hidden(output, hidden: torch.Tensor):
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-def _mask_kwargs(
-    attention_mask: torch.Tensor | None, past_length: int, padded: bool | None = None
-) -> dict:
-    """attention_mask and position_ids for a base model's forward; none when nothing is padded
-    (or the mask is None: known unpadded), where the model derives the same positions itself and
-    skips its per-call mask work. padded: whether the mask holds a zero, when the caller knows
-    (None: look, one host sync)."""
-    if attention_mask is None:
-        return {}
-    if padded is None:
-        padded = not bool(attention_mask.all())
-    if not padded:
-        return {}
-    return {
-        "attention_mask": attention_mask,
-        "position_ids": hf.position_ids(attention_mask, past_length),
-    }
-
-
 class CALM(nn.Module):
     """Compose `anchor` with one or more `augments` (Hugging Face causal LMs), both frozen.
 
@@ -264,7 +237,7 @@ class CALM(nn.Module):
         padded: bool | None = None,
     ) -> AugStates:
         """Run augmenting model `index` up to its deepest connected layer; no LM head, no grads.
-        attention_mask None: nothing is padded; padded: see `_mask_kwargs`."""
+        attention_mask None: nothing is padded; padded: see `hf.mask_kwargs`."""
         aug = self.augments[index]
         device = hf.model_device(aug)
         layers = self._aug_layers[index]
@@ -275,7 +248,7 @@ class CALM(nn.Module):
 
         def capture(layer: int):
             def hook(module, args, output):
-                captured[(index, layer)] = _hidden(output)
+                captured[(index, layer)] = hf.layer_output(output)
                 if layer == needed[-1]:
                     raise _StopForward
 
@@ -286,7 +259,7 @@ class CALM(nn.Module):
             attention_mask = attention_mask.to(device)
         kwargs = dict(
             input_ids=input_ids.to(device),
-            **_mask_kwargs(attention_mask, past_length, padded),
+            **hf.mask_kwargs(attention_mask, past_length, padded),
             **hf.cache_kwargs(hf.backbone(aug), cache),
         )
         try:
@@ -360,14 +333,6 @@ class CALM(nn.Module):
         dtype = getattr(torch, self.calm_config.dtype)
         return rope_tables(positions, self.blocks[0].head_dim, dtype)
 
-    def _decoding_blocks(self) -> decoding.DecodingBlocks:
-        """Shim for benchmarks/generation_gap.py: `calm.decoding.decoding_blocks`."""
-        return decoding.decoding_blocks(self)
-
-    def _extend_kv(self, kv, states: AugStates, blocks, rope: Rope = None) -> decoding.KV:
-        """Shim for benchmarks/generation_gap.py: `calm.decoding.extend_kv`."""
-        return decoding.extend_kv(self, kv, states, blocks, rope)
-
     @contextlib.contextmanager
     def _composed(self, kv, masks, blocks: Blocks, rope: Rope = None) -> Iterator[None]:
         """Hooks that add each block's residual to its anchor layer's output, for one call.
@@ -385,13 +350,13 @@ class CALM(nn.Module):
             calls = [(blocks[j], kv[j], masks[self.connections[j].augment]) for j in block_ids]
 
             def hook(module, args, output):
-                h = _hidden(output)  # (B, T, D)
+                h = hf.layer_output(output)  # (B, T, D)
                 x = h.to(dtype)
                 delta = None
                 for block, (k, v), (mask, rows) in calls:
                     out = block(x, k, v, mask, rows, rope)
                     delta = out if delta is None else delta + out
-                return _replace_hidden(output, h + delta.to(h.dtype))
+                return hf.with_layer_output(output, h + delta.to(h.dtype))
 
             return hook
 
@@ -415,10 +380,10 @@ class CALM(nn.Module):
         padded: bool | None = None,
     ) -> torch.Tensor:
         """The anchor's logits, (B, T, V) or (B, V) with last_only; attention_mask None: nothing
-        is padded; padded: see `_mask_kwargs`."""
+        is padded; padded: see `hf.mask_kwargs`."""
         kwargs = dict(
             input_ids=input_ids,
-            **_mask_kwargs(attention_mask, past_length, padded),
+            **hf.mask_kwargs(attention_mask, past_length, padded),
             **hf.cache_kwargs(self.anchor, cache),
         )
         if last_only and hf.accepts(self.anchor, "logits_to_keep"):

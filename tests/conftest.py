@@ -82,7 +82,6 @@ FAMILIES = {
         )
     ),  # fmt: skip
 }
-CONFIGS = FAMILIES  # the old name, until tests/test_architectures.py imports FAMILIES
 
 
 def tiny_lm(

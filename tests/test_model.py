@@ -7,7 +7,7 @@ import torch
 from conftest import random_ids, randomize_blocks, tiny_lm
 
 import calm
-from calm import CALM, CALMConfig, Connection
+from calm import CALM, CALMConfig, Connection, hf
 from calm.model import next_token_loss
 
 
@@ -449,13 +449,11 @@ class _AllOps(torch.utils._python_dispatch.TorchDispatchMode):
 def test_generate_checks_padding_once_per_call(pair):
     """A padded batch is padded at every step: generate looks once (at the prompt), and its
     masks and calls trust that instead of checking each step (one sync per check on a GPU)."""
-    from calm import model as model_module
-
     anchor, aug = pair
     model = CALM(anchor, aug)
     randomize_blocks(model)
     ids, mask = left_padded()
-    mask_kwargs = model_module._mask_kwargs
+    mask_kwargs = hf.mask_kwargs
     with _AllOps() as ops:
         mask_kwargs(mask, 0, padded=True)
         model._masks([mask], mask, 0, None, padded=True)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-import calm.model as cm
 from benchmarks import measure, reference, run
 from calm import CALM, CALMConfig, hf
 from calm.cross_attention import attention_mask as build_mask
@@ -33,7 +32,7 @@ from calm.cross_attention import attention_mask as build_mask
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ("hf", "generation", "cross_attention", "model")  # in import order
 
-new_mask_kwargs, new_masks = cm._mask_kwargs, CALM._masks
+new_mask_kwargs, new_masks = hf.mask_kwargs, CALM._masks
 
 
 def old_mask_kwargs(m, past, padded=None):
@@ -53,13 +52,13 @@ def old_masks(self, key_masks, query_mask, past_length, visible=None, padded=Non
 
 def variant(old, fn):
     def call():
-        cm._mask_kwargs, CALM._masks = (
+        hf.mask_kwargs, CALM._masks = (
             (old_mask_kwargs, old_masks) if old else (new_mask_kwargs, new_masks)
         )
         try:
             return fn()
         finally:
-            cm._mask_kwargs, CALM._masks = new_mask_kwargs, new_masks
+            hf.mask_kwargs, CALM._masks = new_mask_kwargs, new_masks
 
     return call
 

@@ -29,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import reference, run
-from calm import CALM, CALMConfig, hf
+from calm import CALM, CALMConfig, decoding, hf
 
 
 class OpCount(TorchDispatchMode):
@@ -52,12 +52,12 @@ def variants(s: run.Setup, n: int) -> dict:
     @torch.no_grad()
     def ladder(level: int) -> None:
         anchor_cache, aug_cache = hf.new_cache(anchor), hf.new_cache(aug)
-        blocks = model._decoding_blocks()
+        blocks = decoding.decoding_blocks(model)
         step, mask, past, kv = prompt, torch.ones_like(prompt), 0, None
         for _ in range(n):
             states = model._run_augment(0, step, mask, aug_cache, past)
             if level >= 1:
-                kv = model._extend_kv(kv, states, blocks)
+                kv = decoding.extend_kv(model, kv, states, blocks)
             composed = contextlib.nullcontext()
             if level >= 2:
                 composed = model._composed(kv, model._masks([mask], mask, past), blocks)
