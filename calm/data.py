@@ -408,11 +408,11 @@ class AugCache:
         per_example = [self.get(i) for i in indices]
         device = batch["input_ids"].device
         out: AugStates = {}
-        for (a, layer), first in per_example[0].items():
-            padded = torch.zeros(
-                len(indices), aug_masks[a].shape[1], first.shape[-1], dtype=first.dtype
-            )
-            for row, states in enumerate(per_example):
-                padded[row, : lengths[a][row]] = states[(a, layer)]
-            out[(a, layer)] = padded.to(device)
+        for key in per_example[0]:
+            rows = [states[key] for states in per_example]
+            padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # zeros after a row
+            width = aug_masks[key[0]].shape[1]
+            if padded.shape[1] < width:
+                padded = torch.nn.functional.pad(padded, (0, 0, 0, width - padded.shape[1]))
+            out[key] = padded.to(device)
         return out

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-import calm
-from calm import hf
+from calm import __version__, hf
 from calm.errors import UserError
+from calm.model import CALM
 from calm.progress import bar
 from calm.tasks.registry import Example, Task, check_shots, cut_at_stop, get_task
 
@@ -86,7 +86,7 @@ def _base_identity(model: Any) -> dict:
 
 def evaluated_identity(model: Any, name: str | None = None) -> dict:
     """Who was evaluated: the model's identity and, for CALM, its anchor, augments, connections."""
-    if isinstance(model, calm.CALM):
+    if isinstance(model, CALM):
         return {
             "name": name,
             "class": "CALM",
@@ -106,7 +106,7 @@ def evaluated_identity(model: Any, name: str | None = None) -> dict:
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    versions = {"python": platform.python_version(), "calm": calm.__version__}
+    versions = {"python": platform.python_version(), "calm": __version__}
     for dist in ("torch", "transformers", "peft", "sacrebleu", "tokenizers"):
         try:
             versions[dist] = md.version(dist)
@@ -153,7 +153,7 @@ def generate_completions(
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) and stop and hf_tokenizer:
         kwargs |= {"stop_strings": list(stop), "tokenizer": tokenizer}
     device = _device(model)
-    pair = model.tokenizers if isinstance(model, calm.CALM) else None  # different tokenizers
+    pair = model.tokenizers if isinstance(model, CALM) else None  # different tokenizers
     jobs = [(i, e.prompt) for i, e in enumerate(examples) for _ in range(num_samples)]
     # Longest prompts first: less padding per batch, and an early out-of-memory.
     jobs.sort(key=lambda job: -len(job[1]))

@@ -27,7 +27,7 @@ from calm.checkpoint import (
     read_record,
     step_directories,
 )
-from calm.config import TrainConfig
+from calm.config import RUN_CONTROL, TrainConfig
 from calm.errors import UserError
 
 if TYPE_CHECKING:
@@ -78,6 +78,19 @@ class Run:
 
     def config(self) -> TrainConfig:
         return TrainConfig.from_json(self.config_path.read_text())
+
+    def check_config(self, config: TrainConfig, force: bool = False) -> None:
+        """Refuse (unless `force`) to resume this run with another config than its own, but for
+        the fields that only steer one invocation (`RUN_CONTROL`)."""
+        saved = self.config().to_dict()
+        differ = sorted(
+            k for k, v in config.to_dict().items() if k not in RUN_CONTROL and saved[k] != v
+        )
+        if differ and not force:
+            raise UserError(
+                f"Cannot resume {self.dir}: the config differs from the checkpoint's in {differ}; "
+                "use the same settings, or force=True (--force) to resume anyway."
+            )
 
     def metrics(self) -> list[dict[str, Any]]:
         """The records of metrics.jsonl (none when it does not exist)."""

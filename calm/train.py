@@ -36,19 +36,17 @@ from calm.checkpoint import (
     save_rng,
     save_trainer_state,
 )
-from calm.config import CACHE_DTYPES, CACHES, PRECISIONS, RUN_CONTROL, SCHEDULES, TrainConfig
+from calm.config import TrainConfig
 from calm.data import Encoded, collate, encode, epoch_batches
 from calm.errors import UserError
 from calm.model import next_token_loss
 from calm.plots import plot_losses
 from calm.progress import bar
-from calm.run import CONFIG_NAME, Run, checkpoints, resolve_checkpoint
+from calm.run import Run
 from calm.trainee import Trainee
 
-# The names after "train" moved (to calm.config, calm.run); kept importable from here for now.
-__all__ = ["NonFiniteLossError", "TrainResult", "lr_factor", "train", "TrainConfig", "CACHES"]
-__all__ += ["CACHE_DTYPES", "PRECISIONS", "SCHEDULES", "CONFIG_NAME", "checkpoints"]
-__all__ += ["resolve_checkpoint"]
+# TrainConfig (calm.config) and plot_losses (calm.plots) stay importable from here: users did.
+__all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "lr_factor", "plot_losses", "train"]
 
 
 @dataclass(frozen=True)
@@ -161,18 +159,12 @@ class _Run:
     # ---------------------------------------------------------------- data
 
     def epoch(self, e: int) -> list[list[int]]:
-        if e not in self._epochs:
-            cfg = self.cfg
-            self._epochs = {
-                e: epoch_batches(
-                    self.data.lengths(),
-                    cfg.batch_size,
-                    cfg.seed,
-                    e,
-                    cfg.bucket_by_length,
-                    min_size=self.pieces,
-                )
-            }
+        if e not in self._epochs:  # the batches of one epoch at a time
+            c, lengths = self.cfg, self.data.lengths()
+            batches = epoch_batches(
+                lengths, c.batch_size, c.seed, e, c.bucket_by_length, self.pieces
+            )
+            self._epochs = {e: batches}
         return self._epochs[e]
 
     def my_pieces(self, batch: list[int]) -> list[list[int]]:
@@ -423,16 +415,6 @@ class _Run:
                 self.save_best()
 
 
-def _check_config_unchanged(run: Run, cfg: TrainConfig, force: bool) -> None:
-    saved = run.config().to_dict()
-    differ = sorted(k for k, v in cfg.to_dict().items() if k not in RUN_CONTROL and saved[k] != v)
-    if differ and not force:
-        raise UserError(
-            f"Cannot resume {run.dir}: the config differs from the checkpoint's in {differ}; "
-            "use the same settings, or force=True (--force) to resume anyway."
-        )
-
-
 def _prepare(run: _Run, resume: bool, force: bool) -> None:
     """Restore the newest checkpoint when resuming (or seed a fresh run); write the config."""
     cfg, out = run.cfg, run.run
@@ -443,7 +425,7 @@ def _prepare(run: _Run, resume: bool, force: bool) -> None:
             "run, or choose a new output_dir."
         )
     if existing:
-        _check_config_unchanged(out, cfg, force)
+        out.check_config(cfg, force)
         run.restore(existing[-1], force)
         run.say(f"resumed from {existing[-1]} (step {run.step} of {run.total})")
         if run.main:

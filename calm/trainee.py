@@ -31,6 +31,8 @@ from calm.model import CALM
 
 
 def pad_id(config, tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else the model config's, else the
+    tokenizer's EOS, else 0 (padding is masked out; only its being a valid id matters)."""
     for source in (tokenizer, config):
         pad = getattr(source, "pad_token_id", None) if source is not None else None
         if isinstance(pad, int):
@@ -84,7 +86,8 @@ class Trainee:
         """The keyword arguments of the model's forward in a collated batch."""
         if self.calm is not None:
             return {k: v for k, v in batch.items() if k != "labels"}
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        return {"input_ids": ids, "attention_mask": mask, "use_cache": False}  # no cache to grow
 
     def save(self, directory: Path) -> None:
         if self.calm is not None:

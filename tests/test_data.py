@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from calm.data import IGNORE, collate, encode, epoch_batches, pad_rows
-from calm.pretrain import build_tokenizer
+from calm.recipes.kv.bases import build_tokenizer
 
 
 @pytest.fixture(scope="module")

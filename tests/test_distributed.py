@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from calm.train import checkpoints, train
+from calm.run import checkpoints
+from calm.train import train
 
 TESTS = Path(__file__).parent
 # Same global batch, same math; only the order of float additions differs (per-rank sums, then

@@ -13,7 +13,7 @@ from test_train import config
 
 from calm import CALM, CALMConfig, TokenizerPair
 from calm.errors import UserError
-from calm.pretrain import build_tokenizer
+from calm.recipes.kv.bases import build_tokenizer
 from calm.run import LoadedRun, Run, load_run, resolve_source
 from calm.train import train
 
