@@ -24,9 +24,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import PreTrainedTokenizerFast, StopStringCriteria
 
 from calm import hf
 from calm.cross_attention import CrossAttentionBlock, FoldedBlock, FoldedGroup
+from calm.errors import UserError
 
 if TYPE_CHECKING:
     from calm.model import CALM, AugStates
@@ -268,6 +270,26 @@ def end_tokens(
     return eos, pad_token_id
 
 
+Stop = Callable[[torch.Tensor], torch.Tensor]  # (B, T) ids so far -> (B,) rows that end here
+
+
+def stop_criterion(stop_strings: str | Sequence[str] | None, tokenizer, pair) -> Stop | None:
+    """Hugging Face's `StopStringCriteria` for `stop_strings` (None: none given): a row ends when
+    its text ends in a stop string. tokenizer: the anchor's; by default the TokenizerPair's."""
+    if stop_strings is None or len(stop_strings) == 0:
+        return None
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if tokenizer is None and pair is not None:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=pair.anchor.backend)
+    if tokenizer is None:
+        raise UserError(
+            "stop_strings need the anchor's tokenizer: pass generate(..., tokenizer=tokenizer)."
+        )
+    criterion = StopStringCriteria(tokenizer, list(stop_strings))
+    return lambda ids: criterion(ids, None)
+
+
 @torch.no_grad()
 def generate(
     model: CALM,
@@ -278,11 +300,13 @@ def generate(
     eos: torch.Tensor,
     pad_token_id: int,
     streamer=None,
+    stop: Stop | None = None,
     **aug,
 ) -> torch.Tensor:
     """Prompt + up to `max_new_tokens` new tokens, (B, T + new); arguments as `CALM.generate`
-    has checked them. choose: (B, V) logits -> (B,) tokens; eos: `end_tokens`; aug: the
-    augmenting inputs (aug_input_ids, aug_attention_mask, aug_visible, texts)."""
+    has checked them. choose: (B, V) logits -> (B,) tokens; eos: `end_tokens`; stop:
+    `stop_criterion`; aug: the augmenting inputs (aug_input_ids, aug_attention_mask,
+    aug_visible, texts)."""
     B = input_ids.shape[0]
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
     padded = not bool(attention_mask.all())  # False: every mask of the call is all ones
@@ -290,18 +314,20 @@ def generate(
     tokens = []
     step_ids, past = input_ids, 0
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    track_eos = len(eos) > 0  # without an end token no row finishes
+    track = len(eos) > 0 or stop is not None  # else no row finishes
     for _ in range(max_new_tokens):
         token = choose(mode.logits(step_ids, past, finished))
-        if track_eos:  # finished rows continue with padding
+        if track:  # finished rows continue with padding
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             finished |= torch.isin(token, eos)
         tokens.append(token)
+        if stop is not None:  # on the whole sequence, prompt included, as Hugging Face does
+            finished |= stop(torch.cat([input_ids, torch.stack(tokens, 1)], 1))
         if streamer is not None:
             streamer.put(token.cpu())
         past += step_ids.shape[1]
         step_ids = token[:, None]
-        if track_eos and finished.all():
+        if track and finished.all():
             break
     if streamer is not None:
         streamer.end()

@@ -5,11 +5,11 @@
 
 Generation is batched with left padding through `model.generate(input_ids, attention_mask,
 max_new_tokens, do_sample, temperature, top_p, eos_token_id, pad_token_id)`, the signature HF,
-peft and CALM share; models whose `generate` takes **kwargs (HF, peft) also get the task's stop
-strings so they stop early (with a Hugging Face tokenizer); a CALM built with a TokenizerPair gets
-the pair's aligned batch, and its completions are decoded with `tokenizer` (the anchor's). Greedy
-by default; with `num_samples > 1` (pass@k) sampling is seeded per batch. Each completion is cut
-at the task's first stop string before scoring.
+peft and CALM share; every model whose `generate` takes `stop_strings` (HF, peft, CALM) also gets
+the task's stop strings so each row stops early (with a Hugging Face tokenizer); a CALM built
+with a TokenizerPair gets the pair's aligned batch, and its completions are decoded with
+`tokenizer` (the anchor's). Greedy by default; with `num_samples > 1` (pass@k) sampling is
+seeded per batch. Each completion is cut at the task's first stop string before scoring.
 """
 
 from __future__ import annotations
@@ -148,9 +148,11 @@ def generate_completions(
     }
     if sampling:
         kwargs |= {"temperature": temperature, "top_p": top_p}
-    params = inspect.signature(model.generate).parameters.values()
-    hf_tokenizer = isinstance(tokenizer, PreTrainedTokenizerBase)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) and stop and hf_tokenizer:
+    params = inspect.signature(model.generate).parameters
+    takes_stop = "stop_strings" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
+    if takes_stop and stop and isinstance(tokenizer, PreTrainedTokenizerBase):
         kwargs |= {"stop_strings": list(stop), "tokenizer": tokenizer}
     device = _device(model)
     pair = model.tokenizers if isinstance(model, CALM) else None  # different tokenizers

@@ -455,6 +455,8 @@ class CALM(nn.Module):
         streamer=None,
         aug_visible=None,
         texts: Sequence[str] | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer=None,
     ) -> torch.Tensor:
         """Prompt + up to `max_new_tokens` new tokens, (B, T + new), like Hugging Face.
 
@@ -463,8 +465,10 @@ class CALM(nn.Module):
         model once (`calm.decoding`). The blocks run in their folded inference form
         (`FoldedBlock`, equal up to rounding), built at the start of each call; the blocks of one
         augmenting model compute their keys/values together (`FoldedGroup`). Finished rows are
-        filled with `pad_token_id`. Left-padded batches work.
-        `streamer` (optional) gets `put(tokens)` after each step and `end()` at the end.
+        filled with `pad_token_id`. Left-padded batches work. A row also ends when its text ends
+        in one of `stop_strings`, as in Hugging Face (`tokenizer`: the anchor's; a composition
+        with a TokenizerPair has its own). `streamer` (optional) gets `put(tokens)` after each
+        step and `end()` at the end.
 
         With a TokenizerPair, pass its batch (`**pair(texts)`): as the anchor writes, the texts
         grow, and the augmenting tokens that become stable are appended to each augmenting
@@ -485,6 +489,7 @@ class CALM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         eos, pad_token_id = decoding.end_tokens(self.anchor, eos_token_id, pad_token_id, device)
+        stop = decoding.stop_criterion(stop_strings, tokenizer, self.tokenizers)
         return decoding.generate(
             self,
             input_ids,
@@ -494,6 +499,7 @@ class CALM(nn.Module):
             eos,
             pad_token_id,
             streamer,
+            stop,
             aug_input_ids=aug_input_ids,
             aug_attention_mask=aug_attention_mask,
             aug_visible=aug_visible,

@@ -321,3 +321,24 @@ def test_cli_evaluates_a_model_and_a_composition(tmp_path, capsys):
     assert saved["metadata"]["model"]["class"] == "CALM"
     both = json.loads(out.with_suffix(".samples.jsonl").read_text())
     assert both["completions"] == alone["completions"]  # zero-initialized: equals the anchor
+
+
+def test_a_composition_gets_the_tasks_stop_strings_as_a_hugging_face_model_does():
+    import functools
+
+    from test_tokenizers import byte_bpe
+
+    tok = byte_bpe()
+    anchor = hf.tiny_llama(len(tok), 32, 4, kv_heads=2, seed=4)
+    composed = calm.CALM(anchor, hf.tiny_llama(len(tok), 32, 4, kv_heads=2, seed=5))
+    seen: dict = {}
+    real = composed.generate
+
+    @functools.wraps(real)
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    composed.generate = spy
+    evaluate(composed, EchoTask(), tokenizer=tok, progress=False)
+    assert seen["stop_strings"] == ["\n"] and seen["tokenizer"] is tok

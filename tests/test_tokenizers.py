@@ -549,3 +549,88 @@ def test_generation_detects_a_tokenizer_that_merges_across_spaces(toks, monkeypa
     stream.append([space], [True])  # "c a " commits "c", " " and "a " (wrongly, across a cut)
     with pytest.raises(RuntimeError, match="re-split"):
         stream.append([b], [True])  # "c a b" tokenizes as "c", " ", "a b"
+
+
+# Stop strings: `generate(..., stop_strings=...)` ends each row as Hugging Face does.
+
+
+def _sharp_lm(vocab: int, seed: int):
+    """A random Llama whose greedy choices are far from ties (its logits scaled up), so that a
+    composition equal to it up to rounding picks the same tokens."""
+    model = lm(vocab, 32, 4, seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+def _hf_greedy(anchor, batch, steps, **kw):
+    return anchor.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=2,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("with_pair", [False, True])
+def test_stop_strings_at_init_generate_exactly_the_anchors_tokens(toks, with_pair):
+    """At init a composition writes the anchor's tokens and stops where Hugging Face's
+    `generate(stop_strings=..., tokenizer=...)` stops the anchor: no token more, none fewer."""
+    tok = toks["unigram"]
+    anchor = _sharp_lm(len(tok), 5)
+    prompts = [SAMPLES["english"][:30], "Moni", SAMPLES["code"][:20]]
+    if with_pair:
+        pair = TokenizerPair(tok, toks["bpe"])
+        model = CALM(anchor, lm(len(toks["bpe"]), 24, 4, 6), tokenizers=pair)
+        batch = pair(prompts)
+        kw = {}  # the pair's anchor tokenizer is the default
+    else:
+        model = CALM(anchor, lm(len(tok), 24, 4, 6))
+        tok.padding_side = "left"
+        batch = dict(tok(prompts, return_tensors="pt", padding=True))
+        kw = {"tokenizer": tok}
+    steps, prompt_len = 12, batch["input_ids"].shape[1]
+    free = _hf_greedy(anchor, batch, steps)
+    assert torch.equal(model.generate(**batch, max_new_tokens=steps, eos_token_id=2), free)
+    stop = tok.decode(free[0, prompt_len + 3 : prompt_len + 5])  # row 0 writes it mid-way
+    want = _hf_greedy(anchor, batch, steps, stop_strings=[stop], tokenizer=tok)
+    got = model.generate(**batch, max_new_tokens=steps, eos_token_id=2, stop_strings=stop, **kw)
+    assert torch.equal(got, want)
+    assert got.shape[1] < free.shape[1] or (got[0, prompt_len + 5 :] == 0).all()
+    assert (got[0, prompt_len + 5 :] == 0).all()  # row 0 ended where the stop string ended
+
+
+def test_stop_strings_stop_a_trained_composition(toks):
+    """A composition that is not the anchor stops at the first stop string it writes; the
+    other rows write what they wrote without stop strings."""
+    pair, model = composed(toks["unigram"], toks["bpe"], seed=3)
+    tok = toks["unigram"]
+    batch = pair([SAMPLES["english"][:23], SAMPLES["code"][:40], "Moni"])
+    steps, prompt_len = 12, batch["input_ids"].shape[1]
+    free = model.generate(**batch, max_new_tokens=steps, eos_token_id=[], pad_token_id=0)
+    stop = tok.decode(free[0, prompt_len + 3 : prompt_len + 5])
+    got = model.generate(
+        **batch,
+        max_new_tokens=steps,
+        eos_token_id=[],
+        pad_token_id=0,
+        stop_strings=[stop, "\u2603 never written"],
+    )
+    new = got[:, prompt_len:]
+    ended = [int((row != 0).nonzero().max()) + 1 for row in new]
+    assert ended[0] <= 5 and (new[0, ended[0] :] == 0).all()
+    assert stop in tok.decode(new[0, : ended[0]])
+    for row, end in enumerate(ended):
+        assert torch.equal(new[row, :end], free[row, prompt_len : prompt_len + end])
+        assert stop not in tok.decode(new[row, : end - 1])  # none ran past a stop string
+
+
+def test_stop_strings_without_a_tokenizer_are_refused(pair):
+    from calm.errors import UserError
+
+    model = CALM(*pair)
+    with pytest.raises(UserError, match="tokenizer"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, stop_strings="x")
