@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from calm import __version__, hf
 from calm.errors import UserError
+from calm.likelihood import text_nll
 from calm.model import CALM
 from calm.progress import bar
 from calm.tasks.registry import Example, Task, check_shots, cut_at_stop, get_task
@@ -204,7 +205,8 @@ def evaluate(
     model_name: str | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Generate for the first `limit` test examples of `task` and score them.
+    """Generate for the first `limit` test examples of `task` and score them (a likelihood
+    task, such as code-bpb: score how likely the model finds each reference instead).
 
     `task` is a registry name (`calm eval --list`) or a task object; `data` replaces the task's
     default data source. `num_samples > 1` samples (temperature, top_p, seeded) for pass@k.
@@ -222,28 +224,33 @@ def evaluate(
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
+    likelihood = getattr(task, "scoring", "generate") == "likelihood"
     try:
-        completions = generate_completions(
-            model,
-            tokenizer,
-            examples,
-            max_new_tokens=max_new_tokens or task.max_new_tokens,
-            stop=task.stop,
-            batch_size=batch_size,
-            num_samples=num_samples,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            progress=progress,
-        )
+        if likelihood:
+            pairs = [(e.prompt, e.reference) for e in examples]
+            outputs = text_nll(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
+        else:
+            outputs = generate_completions(
+                model,
+                tokenizer,
+                examples,
+                max_new_tokens=max_new_tokens or task.max_new_tokens,
+                stop=task.stop,
+                batch_size=batch_size,
+                num_samples=num_samples,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                progress=progress,
+            )
     finally:
         if was_training:
             model.train()
     generation_seconds = time.time() - started
-    metrics, records = task.score(examples, completions)
+    metrics, records = task.score(examples, outputs)
     samples = [
-        {"prompt": e.prompt, "completions": c, **r}
-        for e, c, r in zip(examples, completions, records)
+        {"prompt": e.prompt, **({"scored": o} if likelihood else {"completions": o}), **r}
+        for e, o, r in zip(examples, outputs, records)
     ]
     metadata = {
         "model": evaluated_identity(model, model_name),
@@ -253,7 +260,9 @@ def evaluate(
         "limit": limit,
         "num_examples": len(examples),
         "num_samples": num_samples,
-        "decoding": {"greedy": num_samples == 1}
+        "decoding": {"scoring": "likelihood"}
+        if likelihood
+        else {"greedy": num_samples == 1}
         | ({"temperature": temperature, "top_p": top_p} if num_samples > 1 else {}),
         "max_new_tokens": max_new_tokens or task.max_new_tokens,
         "seed": seed,

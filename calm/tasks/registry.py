@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from calm.errors import UserError
 
-MODULES = ("humaneval", "mbpp_like", "code_to_text", "translation", "math", "kv")
+MODULES = ("humaneval", "mbpp_like", "code_to_text", "translation", "math", "kv", "bpb")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,12 @@ class Example:
 
 
 class Task(Protocol):
-    """What `calm.evaluate` needs from a task."""
+    """What `calm.evaluate` needs from a task.
+
+    A task is scored on generated text by default. A task with `scoring = "likelihood"` is scored
+    on how likely the model finds each example's reference after its prompt instead: `score`
+    then gets, for example i, {"nll": summed negative log-likelihood in nats, "tokens": n}
+    (`calm.likelihood`), not completions; its max_new_tokens and stop are unused."""
 
     name: str  # registry name, with the variant: "mgsm:sw"
     version: str  # bumped whenever prompts, splits or scoring change
