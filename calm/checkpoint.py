@@ -6,6 +6,8 @@ model); loading it refuses other base models (`base_model_problems`, the one ide
 training checkpoint adds the trainer state: `trainer_state.pt` (optimizer, scheduler),
 `rng-rank*.pt` and `state.json`. A model that is not a composition (a peft adapter, a Hugging Face
 model trained in full) is saved with its own `save_pretrained` instead of the composition files.
+A composition directory also gets a README.md model card (`calm.model_card`); loading never reads
+it.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from safetensors.torch import load_file, save_file
 from calm import __version__, hf
 from calm.config import CALMConfig, Connection
 from calm.errors import UserError
+from calm.model_card import CARD_NAME, MARKER, model_card
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from calm.model import CALM
+    from calm.tokenizers import TokenizerPair
 
 WEIGHTS_NAME = "composition.safetensors"
 CONFIG_NAME = "calm_config.json"
@@ -105,7 +109,8 @@ def prune(root: str | os.PathLike, keep: int) -> None:
 
 
 def composition_record(model: CALM) -> dict:
-    """What `calm_config.json` holds: config, resolved connections, version, base identities."""
+    """What `calm_config.json` holds: config, resolved connections, version, base identities,
+    heads per block and trainable parameters (the model card is built from it)."""
     return {
         "calm_version": __version__,
         "config": model.calm_config.to_dict(),
@@ -115,16 +120,40 @@ def composition_record(model: CALM) -> dict:
         ],
         "anchor": hf.model_identity(model.anchor),
         "augments": [hf.model_identity(a) for a in model.augments],
+        "num_heads": model.blocks[0].num_heads,
         "num_trainable_parameters": model.num_trainable_parameters(),
     }
 
 
-def save_composition(model: CALM, directory: str | os.PathLike) -> None:
+def write_card(
+    directory: Path, record: dict, pair: TokenizerPair | None, training: dict | None
+) -> None:
+    """README.md, the model card (`calm.model_card`); a README.md that calm did not write (no
+    `MARKER` in it) is left as it is."""
+    path = directory / CARD_NAME
+    if path.is_file() and MARKER.encode() not in path.read_bytes():
+        return
+    tokenizers = None
+    if pair is not None:
+        tokenizers = {
+            "anchor_vocab_size": pair.anchor.vocab_size,
+            "aug_vocab_sizes": [side.vocab_size for side in pair.augs],
+        }
+    atomic_write_text(path, model_card(record, tokenizers, training))
+
+
+def save_composition(
+    model: CALM, directory: str | os.PathLike, training: dict[str, Any] | None = None
+) -> None:
+    """The blocks' weights, `calm_config.json` and the model card (README.md, which states
+    `training`, a `calm.train` checkpoint's state, when given); each file written atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.blocks.state_dict().items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(composition_record(model), indent=2))
+    record = composition_record(model)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(record, indent=2))
+    write_card(directory, record, model.tokenizers, training)
 
 
 def read_record(directory: str | os.PathLike) -> dict:

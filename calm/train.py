@@ -4,9 +4,9 @@ One plain loop for every model the experiments train: a composition (`calm.CALM`
 encoder mode; only its blocks train), a peft model of the anchor (its adapters), or a Hugging Face
 model trained in full (every parameter with requires_grad). `batch_size` is the global batch (all
 processes, all accumulation micro-steps); the loss of a step is the sum of token losses over the
-global batch divided by its number of target tokens, so 1 process and N processes (DDP through
-`accelerate launch`) compute the same step. The run directory it writes is described in
-`calm.run`; checkpoints in `calm.checkpoint`.
+global batch divided by its number of target tokens, so 1 process and N processes (DDP, or FSDP2
+shards, through `accelerate launch`) compute the same step. The run directory it writes is
+described in `calm.run`; checkpoints in `calm.checkpoint`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from calm.model import next_token_loss
 from calm.plots import plot_losses
 from calm.progress import bar
 from calm.run import Run
-from calm.trainee import Trainee
+from calm.trainee import Trainee, local, sharded
 
 # TrainConfig (calm.config) and plot_losses (calm.plots) stay importable from here: users did.
 __all__ = ["NonFiniteLossError", "TrainConfig", "TrainResult", "lr_factor", "plot_losses", "train"]
@@ -136,14 +136,7 @@ class _Run:
         if cfg.epochs is not None:
             limits.append(max(1, round(cfg.epochs * self.batches_per_epoch)))
         self.total = min(limits)
-        self.ddp = self.acc.prepare_model(self.model)
-        self.optimizer = torch.optim.AdamW(
-            trainee.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(s, cfg.warmup_steps, self.total, cfg.schedule, cfg.min_lr_ratio),
-        )
+        self.sharded = sharded(self.acc, cfg.aug_cache)
         self.cache = None
         if cfg.aug_cache != "none":
             root = self.run.aug_cache_dir if cfg.aug_cache == "disk" else None
@@ -155,6 +148,18 @@ class _Run:
         self.window: list[float] = []
         self.last_train_loss: float | None = None
         self.last_checkpoint = ""
+
+    def wrap(self) -> None:
+        """Wrap the model for the processes (DDP, or FSDP2 shards); the optimizer and schedule."""
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(
+            self.trainee.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        self.ddp, self.optimizer = self.trainee.prepare(self.acc, optimizer, self.sharded)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, cfg.warmup_steps, self.total, cfg.schedule, cfg.min_lr_ratio),
+        )
 
     # ---------------------------------------------------------------- data
 
@@ -220,7 +225,7 @@ class _Run:
                 self.acc.backward(loss * self.world)
             loss_sum += loss.detach().double()
         params = self.trainee.params
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [local(p.grad) for p in params if p.grad is not None]
         # Non-finite gradients are summed over processes so that all skip alike (a sharding
         # engine gives each process only its shard of them).
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else True
@@ -288,29 +293,32 @@ class _Run:
             tmp.mkdir()
         self.acc.wait_for_everyone()
         save_rng(tmp, self.rank)
+        weights, optimizer = self.trainee.gather(self.optimizer)
         self.acc.wait_for_everyone()
         if self.main:
-            self.trainee.save(tmp)
-            save_trainer_state(tmp, self.optimizer, self.scheduler, self._state())
+            state = self._state()
+            self.trainee.write(tmp, weights, state)
+            save_trainer_state(tmp, optimizer, self.scheduler, state)
             publish(tmp, root / name)
             prune(root, self.cfg.keep_last)
         self.acc.wait_for_everyone()
         self.last_checkpoint = str(root / name)
 
     def save_best(self) -> None:
+        weights, _ = self.trainee.gather()
         if not self.main:
             return
         tmp = self.run.dir / ".tmp-best"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.trainee.save(tmp)
+        self.trainee.write(tmp, weights, None)
         atomic_write_text(
             tmp / "state.json", json.dumps({"step": self.step, "eval_loss": self.best_eval})
         )
         publish(tmp, self.run.best_dir)
 
     def restore(self, directory: Path, force: bool) -> None:
-        """Continue from the checkpoint `directory`, refused (unless `force`) when the data, the
-        number of processes or the model differ from the run's."""
+        """Load the model of checkpoint `directory` (whole: before `wrap`), refused (unless
+        `force`) when the data, the number of processes or the model differ from the run's."""
         state = json.loads((directory / "state.json").read_text())
         problems = []
         if state["data_fingerprint"] != self.data.fingerprint():
@@ -324,6 +332,10 @@ class _Run:
                 "(--force) to resume anyway, or train into a new output_dir."
             )
         self.trainee.load(directory, state, force)
+
+    def resume(self, directory: Path) -> None:
+        """Continue from the checkpoint `directory` (after `restore` and `wrap`): the optimizer,
+        schedule, random generators and counters."""
         state = load_trainer_state(directory, self.optimizer, self.scheduler)
         restore_rng(directory, self.rank)
         self.step = state["step"]
@@ -416,7 +428,8 @@ class _Run:
 
 
 def _prepare(run: _Run, resume: bool, force: bool) -> None:
-    """Restore the newest checkpoint when resuming (or seed a fresh run); write the config."""
+    """Restore the newest checkpoint when resuming (or seed a fresh run), wrap the model; write
+    the config."""
     cfg, out = run.cfg, run.run
     existing = out.checkpoints()
     if existing and not resume:
@@ -427,6 +440,9 @@ def _prepare(run: _Run, resume: bool, force: bool) -> None:
     if existing:
         out.check_config(cfg, force)
         run.restore(existing[-1], force)
+    run.wrap()  # after the model is restored whole, before the optimizer state is
+    if existing:
+        run.resume(existing[-1])
         run.say(f"resumed from {existing[-1]} (step {run.step} of {run.total})")
         if run.main:
             out.truncate_metrics(run.step)

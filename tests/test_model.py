@@ -200,6 +200,7 @@ def test_save_load_round_trip(pair, tmp_path):
     want = model(ids).logits
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",  # the model card (tests/test_model_card.py)
         "calm_config.json",
         "composition.safetensors",
     ]
