@@ -310,7 +310,7 @@ class _Run:
             return
         tmp = self.run.dir / ".tmp-best"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.trainee.write(tmp, weights, None)
+        self.trainee.write(tmp, weights, self._state())  # the card states this step's numbers
         atomic_write_text(
             tmp / "state.json", json.dumps({"step": self.step, "eval_loss": self.best_eval})
         )

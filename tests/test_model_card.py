@@ -160,6 +160,10 @@ def test_train_checkpoint_cards_hold_the_step_and_losses(tmp_path):
     assert f"| training data fingerprint | {state['data_fingerprint']} |" in card
     assert "| training examples | 12 |" in card
     assert f"{model.num_trainable_parameters():,} trainable parameters" in card
+    best = json.loads((run / "best" / "state.json").read_text())
+    best_card = (run / "best" / CARD_NAME).read_text()  # best/ states the step it was saved at
+    assert f"| step | {best['step']} |" in best_card
+    assert f"| eval loss (last evaluation) | {best['eval_loss']:.4f} |" in best_card
 
 
 def test_a_peft_checkpoint_keeps_the_card_peft_writes(tmp_path):
