@@ -188,6 +188,14 @@ def generate_completions(
     return out
 
 
+def _decoding(likelihood: bool, num_samples: int, temperature: float, top_p: float) -> dict:
+    """How the results were produced: likelihood, greedy, or sampling with its settings."""
+    if likelihood:
+        return {"scoring": "likelihood"}
+    sampling = {"temperature": temperature, "top_p": top_p} if num_samples > 1 else {}
+    return {"greedy": num_samples == 1} | sampling
+
+
 def evaluate(
     model: Any,
     task: str | Task,
@@ -260,10 +268,7 @@ def evaluate(
         "limit": limit,
         "num_examples": len(examples),
         "num_samples": num_samples,
-        "decoding": {"scoring": "likelihood"}
-        if likelihood
-        else {"greedy": num_samples == 1}
-        | ({"temperature": temperature, "top_p": top_p} if num_samples > 1 else {}),
+        "decoding": _decoding(likelihood, num_samples, temperature, top_p),
         "max_new_tokens": max_new_tokens or task.max_new_tokens,
         "seed": seed,
         "batch_size": batch_size,

@@ -29,6 +29,10 @@ line after that import, so `calm-lm-eval --model calm --model_args run=DIR,check
 takes every flag of `lm_eval`.
 
 Shapes: B rows of a batch, T tokens, V anchor vocabulary, k continuation tokens.
+
+Why one file of about 550 lines: it is one class, the harness's `LM` interface, whose methods
+(encoding, windows, batching, generation, loading a run) follow `hf`'s one by one and read best
+next to each other and to this list of conventions.
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ processes, all accumulation micro-steps); the loss of a step is the sum of token
 global batch divided by its number of target tokens, so 1 process and N processes (DDP, or FSDP2
 shards, through `accelerate launch`) compute the same step. The run directory it writes is
 described in `calm.run`; checkpoints in `calm.checkpoint`.
+
+Why one file of a little over 500 lines: it is the one loop, whose steps (resume, wrap for the
+processes, step, evaluate, checkpoint, stop on a signal) share the state of `_Run` and read best
+in order; what is not the loop lives in `calm.trainee` (what trains and how it is fed and saved),
+`calm.run`, `calm.checkpoint`, `calm.data` and `calm.plots`.
 """
 
 from __future__ import annotations
