@@ -69,14 +69,8 @@ MODELS = {
 }
 
 
-def model_dir(name: str) -> Path:
-    """Where the converted checkpoint of `name` lives (whether or not it exists yet)."""
-    return sources.cache_dir() / "models" / name
-
-
-def available(name: str) -> bool:
-    """True when `name` has already been converted (tests skip on False)."""
-    return (model_dir(name) / ".complete").exists()
+model_dir = sources.model_dir  # where the converted checkpoint of a model lives
+available = sources.model_available  # True when it has been converted (tests skip on False)
 
 
 def _assemble(spec: GGUFModel, workdir: Path) -> Path:

@@ -1,4 +1,4 @@
-"""`calm reproduce kv`: run the paper's key-value arithmetic experiment on the shipped models."""
+"""`calm reproduce kv|code`: run a paper experiment (key-value arithmetic; code on real models)."""
 
 from __future__ import annotations
 
@@ -6,52 +6,137 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from calm.errors import UserError
 from calm.tasks.kv import VARIANTS
 
-HELP = "Reproduce a paper experiment (kv: key-value arithmetic, Table 1 and Table 5 analogues)."
+HELP = (
+    "Reproduce a paper experiment (kv: key-value arithmetic, Tables 1 and 5 analogues; code: "
+    "Gemma-3-270M composed with Qwen2.5-Coder-0.5B, Tables 4 and 5)."
+)
+# flag -> its default: the flags of one experiment only, refused with the other when changed
+KV_ONLY = {
+    "ablations": False,
+    "from_scratch": False,
+    "variant": "subs_math",
+    "bases": None,
+    "no_rope": False,
+    "lr": None,
+    "dropout": None,
+    "fake_keys": None,
+    "dc_size": None,
+    "eval_size": None,
+}
+CODE_ONLY = {"rows": None, "device": "cpu", "dtype": "float32", "full_eval": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("experiment", choices=["kv"], help="Which experiment (only 'kv').")
-    parser.add_argument("--out", default="runs/kv", help="Output directory for the results.")
-    parser.add_argument("--seed", type=int, default=0, help="D_C key split, init, data, eval set.")
-    parser.add_argument("--ablations", action="store_true", help="Add the Table 5 ablation rows.")
-    parser.add_argument("--quick", action="store_true", help="A short smoke run (fewer steps).")
+    parser.add_argument("experiment", choices=["kv", "code"], help="Which experiment.")
     parser.add_argument(
-        "--from-scratch", action="store_true", help="Retrain the base models first (slow)."
+        "--out", default=None, help="Output directory for the results (default runs/EXPERIMENT)."
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="kv: D_C key split, init, data, eval set; code: D_C, init, data order, random mA.",
+    )
+    parser.add_argument("--quick", action="store_true", help="A short smoke run (fewer steps).")
+    parser.add_argument("--steps", type=int, default=None, help="Training steps of each row.")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    kv = parser.add_argument_group("kv only")
+    kv.add_argument("--ablations", action="store_true", help="Add the Table 5 ablation rows.")
+    kv.add_argument(
+        "--from-scratch", action="store_true", help="Retrain the base models first (slow)."
+    )
+    kv.add_argument(
         "--variant",
         default="subs_math",
         choices=(*VARIANTS, "all"),
         help="D_C variant of the headline row; 'all' also trains and reports the other two.",
     )
-    parser.add_argument("--bases", default=None, help="Base-model directory (default: shipped).")
-    parser.add_argument("--steps", type=int, default=None, help="Composition training steps.")
-    parser.add_argument(
+    kv.add_argument("--bases", default=None, help="Base-model directory (default: shipped).")
+    kv.add_argument(
         "--no-rope",
         action="store_true",
         help="Compose without rotary positions in the blocks (the paper's plain cross-attention).",
     )
-    parser.add_argument("--lr", type=float, default=None, help="Composition learning rate.")
-    parser.add_argument(
+    kv.add_argument("--lr", type=float, default=None, help="Composition learning rate.")
+    kv.add_argument(
         "--dropout", type=float, default=None, help="Attention dropout in the blocks (and LoRA)."
     )
-    parser.add_argument(
+    kv.add_argument(
         "--fake-keys",
         type=float,
         default=None,
         help="Share of D_C over non-keys labelled by mA (default 0.25; 0 for key examples only).",
     )
-    parser.add_argument("--dc-size", type=int, default=None, help="D_C examples (default 8000).")
-    parser.add_argument("--eval-size", type=int, default=None, help="Evaluation expressions.")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    kv.add_argument("--dc-size", type=int, default=None, help="D_C examples (default 8000).")
+    kv.add_argument("--eval-size", type=int, default=None, help="Evaluation expressions.")
+    code = parser.add_argument_group("code only")
+    code.add_argument(
+        "--rows",
+        default=None,
+        help="Comma-separated rows to run (default: all of mA,mB,calm,lora,finetune,vanilla_mA,"
+        "random_mA); finished rows are read back, not rerun.",
+    )
+    code.add_argument("--device", default="cpu", help="Where the models run: cpu or cuda.")
+    code.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="Base-model dtype."
+    )
+    code.add_argument(
+        "--full-eval",
+        action="store_true",
+        help="Score every test example of every task (all 164 HumanEval problems; the "
+        "accelerator run) instead of the fixed CPU subsets.",
+    )
+
+
+def _refuse_other(args: argparse.Namespace, other: dict, experiment: str) -> None:
+    """A flag of the other experiment given with this one is refused (one line)."""
+    given = [name for name, default in other.items() if getattr(args, name) != default]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UserError(f"{flags} do{'es' if len(given) == 1 else ''} not apply to {experiment}.")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.experiment == "code":
+        _refuse_other(args, KV_ONLY, "calm reproduce code")
+        return _run_code(args)
+    _refuse_other(args, CODE_ONLY, "calm reproduce kv")
+    return _run_kv(args)
+
+
+def _run_code(args: argparse.Namespace) -> int:
+    from calm.recipes.code.reproduce import CodeConfig, parse_rows, run_code
+
+    make = CodeConfig.quick if args.quick else CodeConfig
+    flags = {
+        "steps": args.steps,
+        "limits": {t: None for t in make().limits} if args.full_eval else None,
+    }
+    cfg = make(
+        out_dir=args.out or "runs/code",
+        seed=args.seed,
+        rows=parse_rows(args.rows),
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        **{k: v for k, v in flags.items() if v is not None},
+    )
+    results = run_code(cfg)
+    print(
+        f"wrote {Path(cfg.out_dir) / 'results.json'} ({len(results['rows'])} rows; "
+        f"{results['seconds_this_invocation']:.0f} s this invocation)"
+    )
+    return 0
+
+
+def _run_kv(args: argparse.Namespace) -> int:
     from calm.recipes.kv.pretrain import pretrain_bases
     from calm.recipes.kv.reproduce import ReproduceConfig, run_reproduction
 
+    out = args.out or "runs/kv"
     flags = {
         "steps": args.steps,
         "learning_rate": args.lr,
@@ -63,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     }
     make = ReproduceConfig.quick if args.quick else ReproduceConfig
     cfg = make(
-        out_dir=args.out,
+        out_dir=out,
         seed=args.seed,
         variant="subs_math" if args.variant == "all" else args.variant,
         all_variants=args.variant == "all",
@@ -73,9 +158,9 @@ def run(args: argparse.Namespace) -> int:
         **{k: v for k, v in flags.items() if v is not None},
     )
     if args.from_scratch:
-        bases_dir = Path(args.out) / "bases"
+        bases_dir = Path(out) / "bases"
         pretrain_bases(bases_dir, quick=args.quick)
         cfg = replace(cfg, bases_dir=str(bases_dir))
     results = run_reproduction(cfg)
-    print(f"wrote {Path(args.out) / 'results.json'} ({results['seconds']:.0f} s)")
+    print(f"wrote {Path(out) / 'results.json'} ({results['seconds']:.0f} s)")
     return 0

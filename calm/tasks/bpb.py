@@ -49,14 +49,15 @@ def chunks(text: str, size: int = CHUNK) -> list[str]:
     return [p for p in [*pieces, current] if p]
 
 
-def python_test_files(root: str | Path) -> dict[str, str]:
-    """{relative path: source} of the Python files on the test side of code-to-text's split."""
+def python_files(root: str | Path, split: str = "test") -> dict[str, str]:
+    """{relative path: source} of the Python files under `root` on one side of code-to-text's
+    split ("train", "dev" or "test"), in the folders code-to-text reads."""
     root, files = Path(root), {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
         for filename in sorted(f for f in filenames if f.endswith(".py")):
             relpath = (Path(dirpath) / filename).relative_to(root).as_posix()
-            if code_split(relpath) == "test":
+            if code_split(relpath) == split:
                 try:
                     files[relpath] = (Path(dirpath) / filename).read_text(encoding="utf-8")
                 except UnicodeDecodeError:
@@ -120,7 +121,7 @@ def make_code(variant: str | None = None, data: str | None = None) -> BitsPerByt
     if variant:
         raise UserError(f"code-bpb has no variants, got {variant!r}.")
     root = sources.given(data) if data else sysconfig.get_paths()["stdlib"]
-    return BitsPerByte(name="code-bpb", texts=python_test_files(root))
+    return BitsPerByte(name="code-bpb", texts=python_files(root, "test"))
 
 
 @register("text-bpb", "bits per byte on held-out English prose (BSB Bible test chapters)")

@@ -50,6 +50,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CALM_CACHE", Path.home() / ".cache" / "calm"))
 
 
+def model_dir(name: str) -> Path:
+    """Where `python tools/hub_offline.py model NAME` puts a converted model (whether or not it
+    exists yet); a `.complete` file in it marks a finished conversion."""
+    return cache_dir() / "models" / name
+
+
+def model_available(name: str) -> bool:
+    """True when model `name` has been converted (its `.complete` marker exists)."""
+    return (model_dir(name) / ".complete").exists()
+
+
 def _unpacked(pkg: DataPackage) -> Path:
     return cache_dir() / "pypi" / f"{pkg.dist}-{pkg.version}"
 
