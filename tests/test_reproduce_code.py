@@ -16,8 +16,9 @@ from calm.errors import UserError
 from calm.recipes.code import models as code_models
 from calm.recipes.code.data import dc_pieces, source_root
 from calm.recipes.code.evaluation import METRICS, TaskData
-from calm.recipes.code.models import Models, lora_model, lora_rank
+from calm.recipes.code.models import Models
 from calm.recipes.code.reproduce import ROWS, CodeConfig, run_code
+from calm.recipes.pretrained import lora_model, lora_rank
 from calm.tasks.bpb import make_code, python_files
 from calm.tasks.code_to_text import _split_of, iter_pairs
 

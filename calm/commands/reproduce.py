@@ -1,4 +1,5 @@
-"""`calm reproduce kv|code`: run a paper experiment (key-value arithmetic; code on real models)."""
+"""`calm reproduce kv|code|lrl`: run a paper experiment (key-value arithmetic; code and
+low-resource languages on real models)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from calm.tasks.kv import VARIANTS
 
 HELP = (
     "Reproduce a paper experiment (kv: key-value arithmetic, Tables 1 and 5 analogues; code: "
-    "Gemma-3-270M composed with Qwen2.5-Coder-0.5B, Tables 4 and 5)."
+    "Gemma-3-270M composed with Qwen2.5-Coder-0.5B, Tables 4 and 5; lrl: Gemma-3-270M composed "
+    "with SmolLM2-135M trained on low-resource languages, Tables 2 and 5)."
 )
-# flag -> its default: the flags of one experiment only, refused with the other when changed
+# flag -> its default: the flags of some experiments only, refused with the others when changed
 KV_ONLY = {
     "ablations": False,
     "from_scratch": False,
@@ -26,11 +28,12 @@ KV_ONLY = {
     "dc_size": None,
     "eval_size": None,
 }
-CODE_ONLY = {"rows": None, "device": "cpu", "dtype": "float32", "full_eval": False}
+CODE_ONLY = {"rows": None, "device": "cpu", "dtype": "float32", "full_eval": False}  # and lrl
+LRL_ONLY = {"lang": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("experiment", choices=["kv", "code"], help="Which experiment.")
+    parser.add_argument("experiment", choices=["kv", "code", "lrl"], help="Which experiment.")
     parser.add_argument(
         "--out", default=None, help="Output directory for the results (default runs/EXPERIMENT)."
     )
@@ -38,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=0,
-        help="kv: D_C key split, init, data, eval set; code: D_C, init, data order, random mA.",
+        help="kv: D_C key split, init, data, eval set; code, lrl: D_C, init, data order, "
+        "random mA.",
     )
     parser.add_argument("--quick", action="store_true", help="A short smoke run (fewer steps).")
     parser.add_argument("--steps", type=int, default=None, help="Training steps of each row.")
@@ -72,12 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     kv.add_argument("--dc-size", type=int, default=None, help="D_C examples (default 8000).")
     kv.add_argument("--eval-size", type=int, default=None, help="Evaluation expressions.")
-    code = parser.add_argument_group("code only")
+    code = parser.add_argument_group("code and lrl only")
     code.add_argument(
         "--rows",
         default=None,
-        help="Comma-separated rows to run (default: all of mA,mB,calm,lora,finetune,vanilla_mA,"
-        "random_mA); finished rows are read back, not rerun.",
+        help="Comma-separated rows to run (default: all; code: mA,mB,calm,lora,finetune,"
+        "vanilla_mA,random_mA; lrl: see docs/lrl.md); finished rows are read back, not rerun.",
     )
     code.add_argument("--device", default="cpu", help="Where the models run: cpu or cuda.")
     code.add_argument(
@@ -86,8 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     code.add_argument(
         "--full-eval",
         action="store_true",
-        help="Score every test example of every task (all 164 HumanEval problems; the "
-        "accelerator run) instead of the fixed CPU subsets.",
+        help="Score every test example of every task (all 164 HumanEval problems, every test "
+        "sentence; the accelerator run) instead of the fixed CPU subsets.",
+    )
+    lrl = parser.add_argument_group("lrl only")
+    lrl.add_argument(
+        "--lang",
+        nargs="+",
+        default=None,
+        metavar="SRC-TGT",
+        help="Translation pairs (default bn-en ur-en; also nya-en, nah-es, id-en, tr-en).",
     )
 
 
@@ -101,9 +113,12 @@ def _refuse_other(args: argparse.Namespace, other: dict, experiment: str) -> Non
 
 def run(args: argparse.Namespace) -> int:
     if args.experiment == "code":
-        _refuse_other(args, KV_ONLY, "calm reproduce code")
+        _refuse_other(args, KV_ONLY | LRL_ONLY, "calm reproduce code")
         return _run_code(args)
-    _refuse_other(args, CODE_ONLY, "calm reproduce kv")
+    if args.experiment == "lrl":
+        _refuse_other(args, KV_ONLY, "calm reproduce lrl")
+        return _run_lrl(args)
+    _refuse_other(args, CODE_ONLY | LRL_ONLY, "calm reproduce kv")
     return _run_kv(args)
 
 
@@ -125,6 +140,32 @@ def _run_code(args: argparse.Namespace) -> int:
         **{k: v for k, v in flags.items() if v is not None},
     )
     results = run_code(cfg)
+    print(
+        f"wrote {Path(cfg.out_dir) / 'results.json'} ({len(results['rows'])} rows; "
+        f"{results['seconds_this_invocation']:.0f} s this invocation)"
+    )
+    return 0
+
+
+def _run_lrl(args: argparse.Namespace) -> int:
+    from calm.recipes.lrl.reproduce import LrlConfig, parse_languages, parse_rows, run_lrl
+
+    make = LrlConfig.quick if args.quick else LrlConfig
+    flags = {
+        "steps": args.steps,
+        "limits": {t: None for t in make().limits} if args.full_eval else None,
+    }
+    cfg = make(
+        out_dir=args.out or "runs/lrl",
+        languages=parse_languages(args.lang),
+        seed=args.seed,
+        rows=parse_rows(args.rows),
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        **{k: v for k, v in flags.items() if v is not None},
+    )
+    results = run_lrl(cfg)
     print(
         f"wrote {Path(cfg.out_dir) / 'results.json'} ({len(results['rows'])} rows; "
         f"{results['seconds_this_invocation']:.0f} s this invocation)"

@@ -22,6 +22,7 @@ from typing import Any
 
 import calm
 from calm.checkpoint import atomic_write_text
+from calm.recipes.pretrained import sentence_chrf
 from calm.tasks.registry import Task, get_task
 
 TASKS = ("humaneval", "mbpp-like", "code-to-text", "code-bpb", "text-bpb")
@@ -55,15 +56,6 @@ def _passed(samples: list[dict]) -> list[float]:
     return [float(s["status"][0] == "passed") for s in samples]
 
 
-def _sentence_chrf(samples: list[dict]) -> list[float]:
-    from sacrebleu.metrics import CHRF
-
-    chrf = CHRF()
-    return [
-        chrf.sentence_score(s["completions"][0].strip(), [s["reference"]]).score for s in samples
-    ]
-
-
 def _ratio(samples: list[dict]) -> dict[str, list[float]]:
     return {"num": [s["bits"] for s in samples], "den": [s["bytes"] for s in samples]}
 
@@ -75,7 +67,7 @@ def row_values(task: str, metrics: dict, samples: list[dict]) -> tuple[dict, dic
         passed = _passed(samples)
         return {name: sum(passed) / len(passed)}, {name: passed}
     if task == "code-to-text":
-        scores = _sentence_chrf(samples)
+        scores = sentence_chrf(samples)
         out = {
             "code_to_text_chrf": sum(scores) / len(scores),
             "code_to_text_corpus_chrf": metrics["chrf"],

@@ -34,16 +34,9 @@ from calm.checkpoint import atomic_write_text
 from calm.errors import UserError
 from calm.recipes.code.data import dc_records, source_root
 from calm.recipes.code.evaluation import TASKS, TaskData, score_row
-from calm.recipes.code.models import (
-    DTYPES,
-    Models,
-    full_copy,
-    load_models,
-    lora_model,
-    lora_rank,
-    random_like,
-)
+from calm.recipes.code.models import Models, load_models
 from calm.recipes.code.report import PAPER, plot, results_markdown
+from calm.recipes.pretrained import DTYPES, full_copy, lora_model, lora_rank, random_like
 from calm.recipes.runner import Row, RowContext, Runner
 
 ROWS = ("mA", "mB", "calm", "lora", "finetune", "vanilla_mA", "random_mA")

@@ -1,0 +1,294 @@
+"""`calm reproduce lrl` end to end at micro scale: tiny random models and tokenizers, a tiny fake
+Quran (bn, ur, en) and English Bible; every row through the runner, mA built once; the results
+contract, resumption, row selection, and D_C and mA's corpus off the dev and test splits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_lm
+from test_tokenizers import byte_bpe
+
+import calm
+from calm.errors import UserError
+from calm.recipes.lrl import models as lrl_models
+from calm.recipes.lrl.data import LrlData, dc_records, ma_records
+from calm.recipes.lrl.evaluation import metric_names
+from calm.recipes.lrl.models import Models
+from calm.recipes.lrl.reproduce import ROWS, LrlConfig, run_lrl
+from calm.tasks.translation import load_pairs, monolingual
+
+BSB_HEADER = (
+    "id\tsource_verse\ttext\tskip_space_after\texclude\tid_range_end\tsource_verse_range_end\n"
+)
+LANGS = ("bn-en", "ur-en")
+TRAINED = ("calm_paper", "calm_parallel", "lora_paper", "lora_parallel", "finetune")
+TRAINED += ("vanilla_mA", "random_mA")
+
+
+def _quran(root, surahs=40, verses=20):
+    """quran-json's layout with one translation a language: every verse unique."""
+    (root / "dist").mkdir(parents=True)
+    for lang in ("bn", "ur", "en"):
+        data = [
+            {
+                "id": s,
+                "verses": [
+                    {
+                        "id": v,
+                        "translation": f"{lang} surah {s} verse {v}, words of the {lang} text",
+                    }
+                    for v in range(1, verses + 1)
+                ],
+            }
+            for s in range(1, surahs + 1)
+        ]
+        (root / "dist" / f"quran_{lang}.json").write_text(json.dumps(data))
+    return root
+
+
+def _bible(root):
+    (root / "english").mkdir(parents=True)
+    rows = [BSB_HEADER]
+    for c in range(1, 121):
+        for v in (1, 2):
+            words = ["These", "are", "the", "words", "of", f"chapter{c}", f"verse{v}."]
+            rows += [f"01{c:03d}{v:03d}{w + 1:03d}\tx\t{t}\t\t\t\t\n" for w, t in enumerate(words)]
+    (root / "english" / "ot_BSB.tsv").write_text("".join(rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lrl-data")
+    return LrlData(quran=str(_quran(root / "quran")), bible=str(_bible(root / "bible")))
+
+
+@pytest.fixture(scope="module")
+def models():
+    """mB a tiny Gemma 3 and vanilla mA a tiny Llama, each with its own byte-level tokenizer
+    (two vocabularies, so every composition reads through a TokenizerPair)."""
+    tok_b, tok_v = byte_bpe(), byte_bpe(300)
+    return Models(
+        mB=tiny_lm("gemma3", 32, 4, seed=0, vocab=len(tok_b)).requires_grad_(False),
+        vanilla_mA=tiny_lm("llama", 24, 4, seed=2, vocab=len(tok_v)).requires_grad_(False),
+        tokenizers={"mB": tok_b, "vanilla_mA": tok_v},
+        identity={"mB": "tiny gemma3", "vanilla_mA": "tiny llama"},
+    )
+
+
+def _config(out, **overrides):
+    tiny = dict(steps=2, batch_size=2, max_length=48, chunk_chars=200, max_new_tokens=6)
+    tiny |= dict(ma_steps=2, ma_max_length=48, parallel_pairs=4, dc_fraction=0.05)
+    tiny |= dict(eval_batch_size=2, every=2, threads=1, progress=False, save_every=1)
+    limits = {"translation": 2, "lrl-bpb": 2, "text-bpb": 2}
+    return LrlConfig(out_dir=str(out), limits=limits, **tiny | overrides)
+
+
+class _Counting:
+    """Wraps a calm function, counting its calls (or refusing them)."""
+
+    def __init__(self, fn, refuse=False):
+        self.fn, self.refuse, self.calls = fn, refuse, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.refuse:
+            raise AssertionError("a finished row was computed again")
+        return self.fn(*args, **kwargs)
+
+
+def _run(cfg, models, data, monkeypatch, refuse=False):
+    train = _Counting(calm.train, refuse)
+    evaluate = _Counting(calm.evaluate, refuse)
+    monkeypatch.setattr(calm, "train", train)
+    monkeypatch.setattr(calm, "evaluate", evaluate)
+    results = run_lrl(cfg, load=lambda _: models, data=data, log=lambda _: None)
+    monkeypatch.undo()
+    return results, train.calls, evaluate.calls
+
+
+def test_every_row_writes_the_results_contract_and_a_rerun_computes_nothing(
+    models, data, tmp_path, monkeypatch
+):
+    cfg = _config(tmp_path)
+    results, trained, evaluated = _run(cfg, models, data, monkeypatch)
+    # mA's build (1 training, lrl-bpb before and after: 4) + 7 trained rows; 9 model rows x 5
+    assert trained == 1 + len(TRAINED) and evaluated == 4 + 9 * 5
+    assert list(results["rows"]) == list(ROWS) and results["languages"] == list(LANGS)
+    metrics = metric_names(LANGS)
+    assert metrics == ["bn_en_chrf", "bn_en_chrf1", "ur_en_chrf", "ur_en_chrf1"] + [
+        "bn_bpb",
+        "ur_bpb",
+        "text_bpb",
+    ]
+    chrf = [m for m in metrics if "chrf" in m]
+    for name, row in results["rows"].items():
+        floor = name in ("copy_source", "random_reference")
+        assert set(chrf if floor else metrics) <= set(row["metrics"]), name
+        assert floor == ("bn_bpb" not in row["metrics"]), name
+        assert all(0.0 <= row["metrics"][m] <= 100.0 for m in chrf)
+        assert "per_example" not in row and row["seconds"] >= 0
+        lines = (tmp_path / "rows" / name / "samples.jsonl").read_text().splitlines()
+        assert len(lines) == (4 if floor else 10), name
+    others = {r for r in ROWS if r != "calm_paper"}
+    expected = {f"calm_paper-{r}" for r in others}
+    expected |= {f"calm_parallel-{r}" for r in others - {"calm_parallel"}}
+    expected |= {"mB-copy_source", "mB-random_reference"}
+    assert set(results["paired"]) == expected
+    for key, deltas in results["paired"].items():
+        floor = key.endswith(("copy_source", "random_reference"))
+        assert set(deltas) == set(chrf if floor else metrics), key
+        for d in deltas.values():
+            lo, hi = d["ci95"]
+            assert isinstance(d["delta"], float) and lo <= hi and d["n"] == 2
+    mB, composed = results["rows"]["mB"]["metrics"], results["rows"]["calm_paper"]["metrics"]
+    for metric in ("bn_en_chrf", "ur_bpb", "text_bpb"):
+        assert results["paired"]["calm_paper-mB"][metric]["delta"] == pytest.approx(
+            composed[metric] - mB[metric]
+        )
+    assert results["limits"] == {
+        "translation:bn-en": 2,
+        "translation:ur-en": 2,
+        "lrl-bpb:bn": 2,
+        "lrl-bpb:ur": 2,
+        "text-bpb": 2,
+    }
+    paper, parallel = results["dc"]["paper"], results["dc"]["parallel"]
+    assert parallel["records"] == paper["records"] + 8 and parallel["parallel"] == {
+        "bn-en": 4,
+        "ur-en": 4,
+    }
+    assert paper["high_resource"] == sum(paper["low_resource"].values()) > 0
+    build = results["mA_build"]
+    assert build["train"]["steps"] == 2 and set(build["corpus"]["languages"]) == set(LANGS)
+    assert {"bn_bpb_before", "bn_bpb_after", "ur_bpb_before", "ur_bpb_after"} <= set(
+        build["metrics"]
+    )
+    assert build["metrics"]["bn_bpb_before"] != build["metrics"]["bn_bpb_after"]  # it trained
+    assert (tmp_path / "build" / "rows" / "mA" / "model" / "config.json").is_file()
+    assert results["lora"]["calm_parameters"] == results["rows"]["calm_paper"]["parameters"]
+    for name in TRAINED:
+        assert results["rows"][name]["train"]["steps"] == 2
+        assert results["rows"][name]["train"]["dc"] == (
+            "parallel" if "parallel" in name else "paper"
+        )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["paired"] == results["paired"] and saved["languages"] == list(LANGS)
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# Low-resource languages") and "| calm_paper | 46.1 | 60.5 |" in md
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+    again, trained, evaluated = _run(cfg, models, data, monkeypatch, refuse=True)
+    assert trained == evaluated == 0
+    assert again["rows"] == results["rows"] and again["paired"] == results["paired"]
+
+
+def test_rows_flag_runs_only_those_rows_and_mA_is_built_once(models, data, tmp_path, monkeypatch):
+    results, trained, _ = _run(
+        _config(tmp_path, rows=("mB", "copy_source")), models, data, monkeypatch
+    )
+    assert trained == 0 and list(results["rows"]) == ["copy_source", "mB"]
+    assert not (tmp_path / "build").exists() and "mA_build" not in results  # not needed yet
+    assert list(results["paired"]) == ["mB-copy_source"]  # the anchor against the floor
+    results, trained, _ = _run(_config(tmp_path, rows=("calm_paper",)), models, data, monkeypatch)
+    assert trained == 2  # mA's build, then the row
+    assert set(results["paired"]) == {"calm_paper-copy_source", "calm_paper-mB", "mB-copy_source"}
+    model = tmp_path / "build" / "rows" / "mA" / "model" / "model.safetensors"
+    stamp = model.stat().st_mtime_ns
+    results, trained, _ = _run(
+        _config(tmp_path, rows=("mA", "calm_parallel")), models, data, monkeypatch
+    )
+    assert trained == 1 and model.stat().st_mtime_ns == stamp  # mA read back, not rebuilt
+    assert sorted(p.name for p in (tmp_path / "rows").iterdir()) == [
+        "calm_paper",
+        "calm_parallel",
+        "copy_source",
+        "mA",
+        "mB",
+    ]
+    results, trained, _ = _run(
+        _config(tmp_path, rows=("mA",), lr_ma=2e-4), models, data, monkeypatch
+    )
+    assert trained == 1 and model.stat().st_mtime_ns != stamp  # a changed build: rebuilt
+    assert (tmp_path / "stale" / "mA").is_dir()  # and the row that used the old mA recomputed
+    with pytest.raises(UserError, match="Unknown rows"):
+        _config(tmp_path, rows=("calm", "mB"))
+    with pytest.raises(UserError, match="--lang takes distinct pairs"):
+        _config(tmp_path, languages=("bn-en", "xx-en"))
+
+
+def _held_out(data, variant):
+    """Every dev and test sentence of `variant`: both sides of its pairs, its monolingual lines."""
+    out = set()
+    for split in ("dev", "test"):
+        out |= {
+            t for p in load_pairs(variant, split, data.quran) for t in (p["source"], p["target"])
+        }
+        out |= {
+            line
+            for text in monolingual(variant, split, data.quran).values()
+            for line in text.splitlines()
+        }
+    return out
+
+
+def test_dc_and_mA_corpus_hold_no_dev_or_test_sentence_and_paper_has_no_aligned_pair(data):
+    records, info = ma_records(LANGS, data, chunk_chars=200)
+    dc = dc_records(LANGS, data, chunk_chars=200, fraction=0.1, pairs=10_000, seed=0)
+    paper, parallel = dc["paper"][0], dc["parallel"][0]
+    texts = [r["text"] for r in records + paper + parallel]
+    held_out = set().union(*(_held_out(data, v) for v in LANGS))
+    assert held_out and info["languages"]["bn-en"]["records"] > 0
+    assert not [s for s in held_out if any(s in t for t in texts)]
+    train = {v: load_pairs(v, "train", data.quran) for v in LANGS}
+    paper_text = "\n".join(r["text"] for r in paper)
+    aligned = [p for v in LANGS for p in train[v] if p["source"] in paper_text]
+    assert aligned and not [p for p in aligned if p["target"] in paper_text]
+    assert any(p["target"] in paper_text for v in LANGS for p in train[v])  # English is there
+    assert dc["parallel"][1]["parallel"] == {v: len(train[v]) for v in LANGS}  # all, fewer
+    assert sum(r["text"].startswith("Bengali: ") for r in parallel) == len(train["bn-en"])
+    assert parallel[: len(paper)] == paper
+    again = dc_records(LANGS, data, chunk_chars=200, fraction=0.1, pairs=10_000, seed=1)
+    assert again["paper"][1]["sha256"] != dc["paper"][1]["sha256"]  # the seed draws D_C
+
+
+def test_a_model_not_converted_is_one_line_naming_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("CALM_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"python tools/hub_offline.py model gemma3-270m"):
+        lrl_models.load_models()
+
+
+def test_command_line_builds_the_config_and_refuses_the_other_experiments_flags(
+    tmp_path, monkeypatch, capsys
+):
+    from calm.cli import main
+    from calm.recipes.lrl import reproduce
+
+    seen = []
+
+    def fake(cfg):
+        seen.append(cfg)
+        return {"rows": {}, "seconds_this_invocation": 0.0}
+
+    monkeypatch.setattr(reproduce, "run_lrl", fake)
+    argv = ["reproduce", "lrl", "--quick", "--rows", "calm_paper,mB", "--seed", "3", "--out"]
+    argv += [str(tmp_path), "--lang", "bn-en", "nya-en", "--device", "cpu", "--dtype", "bfloat16"]
+    assert main(argv) == 0
+    (cfg,) = seen
+    assert cfg.rows == ("calm_paper", "mB") and cfg.seed == 3 and cfg.dtype == "bfloat16"
+    assert cfg.languages == ("bn-en", "nya-en") and cfg.out_dir == str(tmp_path)
+    assert cfg.limits == LrlConfig.quick().limits
+    assert main(["reproduce", "lrl", "--lang", "bn-en,ur-en", "--full-eval", "--steps", "7"]) == 0
+    assert seen[1].languages == LANGS and set(seen[1].limits.values()) == {None}
+    assert seen[1].steps == 7 and seen[1].out_dir == "runs/lrl"
+    assert main(["reproduce", "lrl"]) == 0 and seen[2].languages == LrlConfig().languages
+    assert main(["reproduce", "lrl", "--lang", "xx-en"]) == 2
+    assert "--lang takes distinct pairs" in capsys.readouterr().err
+    assert main(["reproduce", "lrl", "--variant", "kv_math"]) == 2
+    assert "--variant does not apply to calm reproduce lrl" in capsys.readouterr().err
+    assert main(["reproduce", "code", "--lang", "bn-en"]) == 2
+    assert "--lang does not apply to calm reproduce code" in capsys.readouterr().err
+    assert main(["reproduce", "kv", "--lang", "bn-en", "--rows", "mB"]) == 2
+    assert "--rows, --lang do not apply to calm reproduce kv" in capsys.readouterr().err
