@@ -44,6 +44,23 @@ def test_pure_modules_import_without_torch():
     assert done.stdout.strip() == "ok"
 
 
+def test_the_command_line_help_loads_no_model_library():
+    """`calm --help` and each command's --help build every parser without torch (a fast help)."""
+    done = _run(
+        """
+        import calm.cli
+        for argv in (["--help"], ["pretrain", "--help"], ["reproduce", "--help"]):
+            try:
+                calm.cli.main(argv)
+            except SystemExit as e:
+                assert e.code == 0, (argv, e.code)
+        print("ok")
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok")
+
+
 def test_blocking_really_blocks():
     done = _run("import calm.model")
     assert done.returncode != 0 and "blocked in this test" in done.stderr

@@ -6,8 +6,7 @@ import argparse
 import json
 
 from calm.commands._options import Options, add_config_options, config_values
-from calm.recipes.kv.bases import BASE_MODELS, ModelShape
-from calm.recipes.kv.pretrain import PretrainConfig, pretrain
+from calm.recipes.kv.settings import BASE_MODELS, ModelShape, PretrainConfig
 from calm.tasks.kv import KVScale
 
 HELP = "Train a key-value base model (mA: KV-SUBS, mB: arithmetic, vanilla_mA: another map)."
@@ -59,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         shape=shape,
         **config_values(args, TRAINING),
     )
+    from calm.recipes.kv.pretrain import pretrain  # torch: loaded only to train
+
     summary = pretrain(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
     return 0

@@ -16,10 +16,10 @@ from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFas
 
 from calm import hf
 from calm.errors import UserError
+from calm.recipes.kv.settings import BASE_MODELS, ModelShape
 from calm.tasks.kv import DIGITS, LETTERS, SYMBOLS, KVScale
 
 ASSETS = Path(__file__).parent / "assets"
-BASE_MODELS = ("mA", "mB", "vanilla_mA")
 SPECIAL = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 
 
@@ -40,17 +40,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="[UNK]",
         padding_side="left",
     )
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The Llama shape of one base model."""
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 512
-    max_positions: int = 64
 
 
 def build_model(

@@ -16,62 +16,19 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import calm
 from calm.data import collate, encode
-from calm.errors import UserError
-from calm.recipes.kv.bases import BASE_MODELS, ModelShape, build_model, build_tokenizer
+from calm.recipes.kv.bases import build_model, build_tokenizer
+from calm.recipes.kv.settings import BASE_RECIPES, PretrainConfig
 from calm.tasks.kv import LETTERS, Example, Expression, KVEval, KVScale, KVTask
 from calm.train import lr_factor
 
 MIN_LR_RATIO = 0.1  # the cosine decays to this fraction of the peak learning rate
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """How one base model is trained (`model`: which data it sees, see `BASE_MODELS`)."""
-
-    model: str = "mA"
-    out_dir: str = "runs/pretrain/mA"
-    scale: KVScale = field(default_factory=KVScale)
-    shape: ModelShape = field(default_factory=ModelShape)
-    max_steps: int = 6000
-    batch_size: int = 128
-    learning_rate: float = 2e-3
-    warmup_steps: int = 200
-    weight_decay: float = 0.01
-    seed: int = 0
-    eval_every: int = 250
-    eval_size: int = 300
-    save_every: int = 250
-    target_accuracy: float = 0.99
-    lookup_fraction: float = 0.5
-    prefix_fraction: float = 0.0
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        if self.model not in BASE_MODELS:
-            raise UserError(f"Unknown base model {self.model!r}; choose one of {BASE_MODELS}.")
-        if self.max_steps < 1 or self.batch_size < 1:
-            raise UserError("max_steps and batch_size must be positive.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# The recipes of the shipped base models (`calm pretrain kv ...` with these settings).
-# The shipped mB took a two-stage path (see its pretrain.json); this is its one-stage equivalent.
-BASE_RECIPES = {
-    "mA": PretrainConfig(model="mA", max_steps=3000, batch_size=64, target_accuracy=0.96),
-    "mB": PretrainConfig(model="mB", max_steps=2500, batch_size=128, prefix_fraction=0.5),
-    "vanilla_mA": PretrainConfig(
-        model="vanilla_mA", max_steps=3000, batch_size=64, target_accuracy=0.96
-    ),
-}
 
 
 # --- data ------------------------------------------------------------------------------------
