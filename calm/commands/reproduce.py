@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_code(args: argparse.Namespace) -> int:
-    from calm.recipes.code.reproduce import CodeConfig, parse_rows, run_code
+    from calm.recipes.code.reproduce import ROWS, CodeConfig, run_code
+    from calm.recipes.runner import parse_rows
 
     make = CodeConfig.quick if args.quick else CodeConfig
     flags = {
@@ -133,7 +134,7 @@ def _run_code(args: argparse.Namespace) -> int:
     cfg = make(
         out_dir=args.out or "runs/code",
         seed=args.seed,
-        rows=parse_rows(args.rows),
+        rows=parse_rows(args.rows, ROWS),
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,
@@ -148,7 +149,8 @@ def _run_code(args: argparse.Namespace) -> int:
 
 
 def _run_lrl(args: argparse.Namespace) -> int:
-    from calm.recipes.lrl.reproduce import LrlConfig, parse_languages, parse_rows, run_lrl
+    from calm.recipes.lrl.reproduce import ROWS, LrlConfig, parse_languages, run_lrl
+    from calm.recipes.runner import parse_rows
 
     make = LrlConfig.quick if args.quick else LrlConfig
     flags = {
@@ -159,7 +161,7 @@ def _run_lrl(args: argparse.Namespace) -> int:
         out_dir=args.out or "runs/lrl",
         languages=parse_languages(args.lang),
         seed=args.seed,
-        rows=parse_rows(args.rows),
+        rows=parse_rows(args.rows, ROWS),
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,

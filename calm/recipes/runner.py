@@ -376,3 +376,22 @@ class Runner:
                 deltas = paired_deltas(mine["per_example"], theirs["per_example"], seed, resamples)
                 out[f"{row}-{other.name}"] = deltas
         return out
+
+
+def parse_rows(text: str | None, choices: tuple[str, ...]) -> tuple[str, ...] | None:
+    """`--rows calm,mB` as a tuple of row names (None: every row); the runner checks the names
+    against its rows."""
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise UserError(f"--rows names no row; choose from {', '.join(choices)}.")
+    return names
+
+
+def write_results(out: Path, results: dict, markdown, plot) -> None:
+    """A recipe's results in `out`: results.json (atomically), results.md (`markdown(results)`)
+    and results.png (`plot(results, path)`)."""
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out / "results.png")

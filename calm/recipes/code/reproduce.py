@@ -21,7 +21,6 @@ and calm minus each other row with a paired bootstrap 95% interval over the exam
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -30,14 +29,13 @@ from pathlib import Path
 import torch
 
 import calm
-from calm.checkpoint import atomic_write_text
 from calm.errors import UserError
 from calm.recipes.code.data import dc_records, source_root
 from calm.recipes.code.evaluation import TASKS, TaskData, score_row
 from calm.recipes.code.models import Models, load_models
 from calm.recipes.code.report import PAPER, plot, results_markdown
 from calm.recipes.pretrained import DTYPES, full_copy, lora_model, lora_rank, random_like
-from calm.recipes.runner import Row, RowContext, Runner
+from calm.recipes.runner import Row, RowContext, Runner, write_results
 
 ROWS = ("mA", "mB", "calm", "lora", "finetune", "vanilla_mA", "random_mA")
 # Examples scored per task: the full CPU run's fixed subsets (see docs/code.md for the budget).
@@ -307,17 +305,5 @@ def run_code(
     results["paper"] = PAPER
     results["samples"] = {r: f"rows/{r}/samples.jsonl" for r in results["rows"]}
     results["seconds_this_invocation"] = round(time.time() - started, 1)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
-    plot(results, out / "results.png")
+    write_results(out, results, results_markdown, plot)
     return results
-
-
-def parse_rows(text: str | None) -> tuple[str, ...] | None:
-    """`--rows calm,mB` as a tuple of row names (None: every row)."""
-    if text is None:
-        return None
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise UserError(f"--rows names no row; choose from {', '.join(ROWS)}.")
-    return names

@@ -22,7 +22,6 @@ each floor, with a paired bootstrap 95% interval over the examples.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -31,14 +30,13 @@ from pathlib import Path
 import torch
 
 import calm
-from calm.checkpoint import atomic_write_text
 from calm.errors import UserError
 from calm.recipes.lrl.data import LrlData, dc_records, ma_records
 from calm.recipes.lrl.evaluation import FLOORS, KINDS, build_tasks, score_row
 from calm.recipes.lrl.models import Models, load_built, load_models, versions
 from calm.recipes.lrl.report import PAPER, plot, results_markdown
 from calm.recipes.pretrained import DTYPES, full_copy, lora_model, lora_rank, random_like
-from calm.recipes.runner import Row, RowContext, Runner
+from calm.recipes.runner import Row, RowContext, Runner, write_results
 from calm.tasks.translation import LANGUAGES
 
 ROWS = (
@@ -410,20 +408,8 @@ def run_lrl(
     results["paper"] = PAPER
     results["samples"] = {r: f"rows/{r}/samples.jsonl" for r in results["rows"]}
     results["seconds_this_invocation"] = round(time.time() - started, 1)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
-    plot(results, out / "results.png")
+    write_results(out, results, results_markdown, plot)
     return results
-
-
-def parse_rows(text: str | None) -> tuple[str, ...] | None:
-    """`--rows calm_paper,mB` as a tuple of row names (None: every row)."""
-    if text is None:
-        return None
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise UserError(f"--rows names no row; choose from {', '.join(ROWS)}.")
-    return names
 
 
 def parse_languages(values: list[str] | None) -> tuple[str, ...]:
