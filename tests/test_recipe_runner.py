@@ -260,3 +260,28 @@ def test_runner_paired_table(tmp_path):
     assert list(table) == ["calm-mB"]  # x has no per-example values
     assert table["calm-mB"]["pass"]["delta"] == 0.25
     assert table == runner.paired("calm", resamples=200)
+
+
+def test_loss_curve_keeps_a_resumed_steps_last_loss_and_probes_need_trained_rows(tmp_path):
+    from calm.recipes.runner import loss_curve, parse_learning_rates, probe_rows
+
+    lines = [
+        {"step": 1, "loss": 3.0},
+        {"step": 2, "loss": 2.0},
+        {"step": 2, "loss": 2.5},  # logged again after a resume from step 1
+        {"step": 3, "eval_loss": 1.9},
+        {"step": 3, "loss": 1.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert loss_curve(tmp_path) == [3.0, 2.5, 1.0]
+    assert loss_curve(tmp_path / "missing") == []
+    trained = Row("calm", {"lr": 1.0}, lambda ctx: {}, train_only=lambda lr: lambda ctx: {"lr": lr})
+    probes = probe_rows([trained], (1e-3, 0.02))
+    assert [p.name for p in probes] == ["calm-lr0.001", "calm-lr0.02"]
+    assert [p.config["lr"] for p in probes] == [1e-3, 0.02] and probes[1].run(None) == {"lr": 0.02}
+    with pytest.raises(UserError, match="Row mB does not train"):
+        probe_rows([Row("mB", {}, lambda ctx: {})], (1e-3,))
+    assert parse_learning_rates("3e-4, 1e-3") == (3e-4, 1e-3)
+    for bad in ("", "x", "-1e-3"):
+        with pytest.raises(UserError, match="--lr-probe takes"):
+            parse_learning_rates(bad)

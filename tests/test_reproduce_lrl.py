@@ -13,10 +13,11 @@ from test_tokenizers import byte_bpe
 import calm
 from calm.errors import UserError
 from calm.recipes.lrl import models as lrl_models
+from calm.recipes.lrl import reproduce as lrl_reproduce
 from calm.recipes.lrl.data import LrlData, dc_records, ma_records
 from calm.recipes.lrl.evaluation import metric_names
 from calm.recipes.lrl.models import Models
-from calm.recipes.lrl.reproduce import ROWS, LrlConfig, run_lrl
+from calm.recipes.lrl.reproduce import ROWS, LrlConfig, run_lr_probe, run_lrl
 from calm.tasks.translation import load_pairs, monolingual
 
 BSB_HEADER = (
@@ -284,6 +285,18 @@ def test_command_line_builds_the_config_and_refuses_the_other_experiments_flags(
     assert seen[1].languages == LANGS and set(seen[1].limits.values()) == {None}
     assert seen[1].steps == 7 and seen[1].out_dir == "runs/lrl"
     assert main(["reproduce", "lrl"]) == 0 and seen[2].languages == LrlConfig().languages
+    argv = ["reproduce", "lrl", "--lr-calm", "1e-3", "--lr-lora", "2e-3", "--lr-finetune", "5e-5"]
+    assert main([*argv, "--ma-steps", "9"]) == 0
+    assert (seen[3].lr_calm, seen[3].lr_lora, seen[3].lr_finetune) == (1e-3, 2e-3, 5e-5)
+    assert seen[3].ma_steps == 9 and LrlConfig().ma_steps != 9
+    probed = []
+    monkeypatch.setattr(reproduce, "run_lr_probe", lambda cfg, lrs: probed.append(lrs) or {})
+    assert main(["reproduce", "lrl", "--lr-probe", "3e-4,1e-3", "--rows", "calm_paper"]) == 0
+    assert probed == [(3e-4, 1e-3)] and len(seen) == 4  # the probe, not the rows
+    assert main(["reproduce", "lrl", "--lr-probe", "0,1e-3"]) == 2
+    assert "--lr-probe takes positive learning rates" in capsys.readouterr().err
+    assert main(["reproduce", "code", "--lr-probe", "1e-3"]) == 2
+    assert "--lr-probe does not apply to calm reproduce code" in capsys.readouterr().err
     assert main(["reproduce", "lrl", "--lang", "xx-en"]) == 2
     assert "--lang takes distinct pairs" in capsys.readouterr().err
     assert main(["reproduce", "lrl", "--variant", "kv_math"]) == 2
@@ -292,3 +305,41 @@ def test_command_line_builds_the_config_and_refuses_the_other_experiments_flags(
     assert "--lang does not apply to calm reproduce code" in capsys.readouterr().err
     assert main(["reproduce", "kv", "--lang", "bn-en", "--rows", "mB"]) == 2
     assert "--rows, --lang do not apply to calm reproduce kv" in capsys.readouterr().err
+
+
+def test_lr_probe_trains_each_row_at_each_rate_without_scoring(models, data, tmp_path, monkeypatch):
+    cfg = _config(tmp_path, rows=("calm_paper", "finetune"), steps=3)
+    train = _Counting(calm.train)
+    monkeypatch.setattr(calm, "train", train)
+
+    def probe(rates):
+        return run_lr_probe(cfg, rates, load=lambda _: models, data=data, log=lambda _: None)
+
+    score = _Counting(lrl_reproduce.score_row)
+    monkeypatch.setattr(lrl_reproduce, "score_row", score)
+    report = probe((1e-4, 3e-2))
+    assert train.calls == 1 + 4  # mA's build (calm_paper needs it), then 2 rows x 2 rates
+    assert score.calls == 2  # mA's bits per byte before and after its build; no probe scores
+    assert set(report) == {"calm_paper", "finetune"}
+    for entry in report.values():
+        assert entry["best_lr"] in (1e-4, 3e-2) and set(entry["learning_rates"]) == {
+            "0.0001",
+            "0.03",
+        }
+        runs = entry["learning_rates"].values()
+        assert all(m["loss_last"] > 0 and m["seconds"] >= 0 for m in runs)
+        lows = {f"{m['loss_last']:.6f}" for m in runs}
+        assert len(lows) == 2  # the rate changed the training
+        best = entry["learning_rates"][f"{entry['best_lr']:g}"]["loss_last"]
+        assert best == min(m["loss_last"] for m in runs)
+    saved = json.loads((tmp_path / "lr_probe" / "lr_probe.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert "| calm_paper | " in (tmp_path / "lr_probe" / "lr_probe.md").read_text()
+    assert not (tmp_path / "rows").exists()  # no row of the experiment ran
+    assert probe((1e-4, 3e-2)) == report and train.calls == 5  # read back, nothing retrained
+    probe((1e-4, 3e-2, 1e-3))
+    assert train.calls == 5 + 2 and score.calls == 2  # only the new rate trains
+    with pytest.raises(UserError, match="does not train"):
+        run_lr_probe(
+            _config(tmp_path, rows=("mB",)), (1e-3,), load=lambda _: models, data=data, log=print
+        )

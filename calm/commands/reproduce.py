@@ -28,8 +28,16 @@ KV_ONLY = {
     "dc_size": None,
     "eval_size": None,
 }
-CODE_ONLY = {"rows": None, "device": "cpu", "dtype": "float32", "full_eval": False}  # and lrl
-LRL_ONLY = {"lang": None}
+CODE_ONLY = {  # and lrl
+    "rows": None,
+    "device": "cpu",
+    "dtype": "float32",
+    "full_eval": False,
+    "lr_calm": None,
+    "lr_lora": None,
+    "lr_finetune": None,
+}
+LRL_ONLY = {"lang": None, "ma_steps": None, "lr_probe": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +101,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Score every test example of every task (all 164 HumanEval problems, every test "
         "sentence; the accelerator run) instead of the fixed CPU subsets.",
     )
+    for kind, what in (
+        ("calm", "the composition blocks (every composed row)"),
+        ("lora", "the LoRA adapters"),
+        ("finetune", "every weight of mB (finetune)"),
+    ):
+        code.add_argument(
+            f"--lr-{kind}", type=float, default=None, help=f"Learning rate of {what}."
+        )
     lrl = parser.add_argument_group("lrl only")
+    lrl.add_argument(
+        "--ma-steps", type=int, default=None, help="Optimizer steps of mA's build (default 40)."
+    )
+    lrl.add_argument(
+        "--lr-probe",
+        default=None,
+        metavar="LR,LR,...",
+        help="Only train the rows of --rows (default calm_paper,lora_paper,finetune) at each of "
+        "these learning rates, without scoring; report each one's training loss in "
+        "OUT/lr_probe/lr_probe.md.",
+    )
     lrl.add_argument(
         "--lang",
         nargs="+",
@@ -130,6 +157,9 @@ def _run_code(args: argparse.Namespace) -> int:
     flags = {
         "steps": args.steps,
         "limits": {t: None for t in make().limits} if args.full_eval else None,
+        "lr_calm": args.lr_calm,
+        "lr_lora": args.lr_lora,
+        "lr_finetune": args.lr_finetune,
     }
     cfg = make(
         out_dir=args.out or "runs/code",
@@ -149,13 +179,17 @@ def _run_code(args: argparse.Namespace) -> int:
 
 
 def _run_lrl(args: argparse.Namespace) -> int:
-    from calm.recipes.lrl.reproduce import ROWS, LrlConfig, parse_languages, run_lrl
-    from calm.recipes.runner import parse_rows
+    from calm.recipes.lrl.reproduce import ROWS, LrlConfig, parse_languages, run_lr_probe, run_lrl
+    from calm.recipes.runner import parse_learning_rates, parse_rows
 
     make = LrlConfig.quick if args.quick else LrlConfig
     flags = {
         "steps": args.steps,
         "limits": {t: None for t in make().limits} if args.full_eval else None,
+        "lr_calm": args.lr_calm,
+        "lr_lora": args.lr_lora,
+        "lr_finetune": args.lr_finetune,
+        "ma_steps": args.ma_steps,
     }
     cfg = make(
         out_dir=args.out or "runs/lrl",
@@ -167,6 +201,12 @@ def _run_lrl(args: argparse.Namespace) -> int:
         threads=args.threads,
         **{k: v for k, v in flags.items() if v is not None},
     )
+    if args.lr_probe is not None:
+        report = run_lr_probe(cfg, parse_learning_rates(args.lr_probe))
+        for row, entry in report.items():
+            print(f"{row}: lowest training loss at lr {entry['best_lr']:g}")
+        print(f"wrote {Path(cfg.out_dir) / 'lr_probe' / 'lr_probe.md'}")
+        return 0
     results = run_lrl(cfg)
     print(
         f"wrote {Path(cfg.out_dir) / 'results.json'} ({len(results['rows'])} rows; "

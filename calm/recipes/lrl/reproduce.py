@@ -22,6 +22,7 @@ each floor, with a paired bootstrap 95% interval over the examples.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -30,13 +31,23 @@ from pathlib import Path
 import torch
 
 import calm
+from calm.checkpoint import atomic_write_text
 from calm.errors import UserError
 from calm.recipes.lrl.data import LrlData, dc_records, ma_records
 from calm.recipes.lrl.evaluation import FLOORS, KINDS, build_tasks, score_row
 from calm.recipes.lrl.models import Models, load_built, load_models, versions
 from calm.recipes.lrl.report import PAPER, plot, results_markdown
 from calm.recipes.pretrained import DTYPES, full_copy, lora_model, lora_rank, random_like
-from calm.recipes.runner import Row, RowContext, Runner, write_results
+from calm.recipes.runner import (
+    Row,
+    RowContext,
+    Runner,
+    probe_markdown,
+    probe_report,
+    probe_rows,
+    trained_only,
+    write_results,
+)
 from calm.tasks.translation import LANGUAGES
 
 ROWS = (
@@ -262,9 +273,11 @@ class Experiment:
 
         return run
 
-    def composed(self, aug: str, dc: str = "paper") -> Callable[[RowContext], dict]:
+    def composed(
+        self, aug: str, dc: str = "paper", lr: float | None = None, score: bool = True
+    ) -> Callable[[RowContext], dict]:
         """A composition row: mB with `aug` ("mA", "vanilla_mA" or "random_mA"), trained on D_C
-        `dc`."""
+        `dc` at `lr` (default `lr_calm`); only trained (no scoring) when not `score`."""
 
         def run(ctx: RowContext) -> dict:
             model = {
@@ -274,7 +287,9 @@ class Experiment:
             }[aug]()
             model = self.composition(model)
             try:
-                trained = self.train(ctx, model, self.cfg.lr_calm, dc)
+                trained = self.train(ctx, model, lr or self.cfg.lr_calm, dc)
+                if not score:
+                    return trained_only(ctx, trained)
                 out = self.score(ctx, model, self.models.tokenizers["mB"])
                 return out | {"train": trained, "parameters": model.num_trainable_parameters()}
             finally:
@@ -282,23 +297,33 @@ class Experiment:
 
         return run
 
-    def lora(self, rank: int, dc: str) -> Callable[[RowContext], dict]:
+    def lora(
+        self, rank: int, dc: str, lr: float | None = None, score: bool = True
+    ) -> Callable[[RowContext], dict]:
         def run(ctx: RowContext) -> dict:
             torch.manual_seed(self.cfg.seed)
             model = lora_model(self.models.mB, rank)
-            trained = self.train(ctx, model, self.cfg.lr_lora, dc)
+            trained = self.train(ctx, model, lr or self.cfg.lr_lora, dc)
+            if not score:
+                return trained_only(ctx, trained)
             out = self.score(ctx, model, self.models.tokenizers["mB"])
             parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
             return out | {"train": trained, "parameters": parameters, "rank": rank}
 
         return run
 
-    def finetune(self, ctx: RowContext) -> dict:
-        model = full_copy(self.models.mB)
-        trained = self.train(ctx, model, self.cfg.lr_finetune, "paper")
-        model = model.to(getattr(torch, self.cfg.dtype)).requires_grad_(False)
-        out = self.score(ctx, model, self.models.tokenizers["mB"])
-        return out | {"train": trained, "parameters": sum(p.numel() for p in model.parameters())}
+    def finetune(self, lr: float | None = None, score: bool = True) -> Callable[[RowContext], dict]:
+        def run(ctx: RowContext) -> dict:
+            model = full_copy(self.models.mB)
+            trained = self.train(ctx, model, lr or self.cfg.lr_finetune, "paper")
+            if not score:
+                return trained_only(ctx, trained)
+            model = model.to(getattr(torch, self.cfg.dtype)).requires_grad_(False)
+            out = self.score(ctx, model, self.models.tokenizers["mB"])
+            parameters = sum(p.numel() for p in model.parameters())
+            return out | {"train": trained, "parameters": parameters}
+
+        return run
 
     def rows(self, build_key: str) -> tuple[list[Row], dict]:
         """The rows, each with the config that keys it, and the LoRA rank it was matched to."""
@@ -318,19 +343,30 @@ class Experiment:
         }
         target = self.calm_parameters()
         rank = lora_rank(self.models.mB, target)
-        lora = {"rank": rank, "rank_for_parameters": target, "lr": cfg.lr_lora}
-        composed = {"every": cfg.every, "lr": cfg.lr_calm}
+        lora = {"rank": rank, "rank_for_parameters": target}
+        composed = {"every": cfg.every}
 
         def keyed(models: dict, **more) -> dict:
             return {"models": models, "eval": evals, **more}
 
         def calm_row(name: str, aug: str, aug_id: str, dc: str) -> Row:
             models = {"mB": ids["mB"], aug: aug_id}
-            return Row(name, keyed(models, train=train[dc], calm=composed), self.composed(aug, dc))
+            config = keyed(models, train=train[dc], calm=composed, lr=cfg.lr_calm)
+            return Row(
+                name,
+                config,
+                self.composed(aug, dc),
+                lambda lr: self.composed(aug, dc, lr, score=False),
+            )
 
         def lora_row(dc: str) -> Row:
-            config = keyed({"mB": ids["mB"]}, train=train[dc], lora=lora)
-            return Row(f"lora_{dc}", config, self.lora(rank, dc))
+            config = keyed({"mB": ids["mB"]}, train=train[dc], lora=lora, lr=cfg.lr_lora)
+            return Row(
+                f"lora_{dc}",
+                config,
+                self.lora(rank, dc),
+                lambda lr: self.lora(rank, dc, lr, score=False),
+            )
 
         rows = [Row(name, keyed({}, floor=name), self.floor(name)) for name in FLOORS]
         rows += [
@@ -343,12 +379,13 @@ class Experiment:
             Row(
                 "finetune",
                 keyed({"mB": ids["mB"]}, train=train["paper"], lr=cfg.lr_finetune),
-                self.finetune,
+                self.finetune(),
+                lambda lr: self.finetune(lr, score=False),
             ),
             calm_row("vanilla_mA", "vanilla_mA", ids["vanilla_mA"], "paper"),
             calm_row("random_mA", "random_mA", random_mA, "paper"),
         ]
-        return rows, {"rank": rank, "calm_parameters": target}
+        return rows, {"rank": rank, "calm_parameters": target, "lr": cfg.lr_lora}
 
 
 def _limits(rows: dict) -> dict[str, int]:
@@ -379,15 +416,8 @@ def run_lrl(
     results.png over every finished row; returns the results. `load` gives the models (default:
     the converted checkpoints), `data` the languages' data (default: the cache)."""
     started = time.time()
-    torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
-    models = load(cfg) if load is not None else load_models(cfg.device, cfg.dtype)
-    data = data or LrlData()
-    experiment = Experiment(cfg, models, data)
-    build = experiment.build_row()
-    experiment.build_runner = Runner(out / "build", [build], log=log)
-    if set(cfg.rows or ROWS) & set(NEEDS_MA):
-        experiment.build_runner.run()
+    experiment, models = _prepare(cfg, load, data, log, set(cfg.rows or ROWS) & set(NEEDS_MA))
     rows, lora = experiment.rows(experiment.build_runner.keys["mA"])
     runner = Runner(out, rows, log=log)
     runner.run(rows=list(cfg.rows) if cfg.rows else None)
@@ -410,6 +440,45 @@ def run_lrl(
     results["seconds_this_invocation"] = round(time.time() - started, 1)
     write_results(out, results, results_markdown, plot)
     return results
+
+
+def _prepare(cfg: LrlConfig, load, data, log, build: bool) -> tuple[Experiment, Models]:
+    """The run's models, data and experiment, with mA built first when `build`."""
+    torch.set_num_threads(cfg.threads)
+    models = load(cfg) if load is not None else load_models(cfg.device, cfg.dtype)
+    experiment = Experiment(cfg, models, data or LrlData())
+    build_row = experiment.build_row()
+    experiment.build_runner = Runner(Path(cfg.out_dir) / "build", [build_row], log=log)
+    if build:
+        experiment.build_runner.run()
+    return experiment, models
+
+
+PROBED = ("calm_paper", "lora_paper", "finetune")  # --lr-probe's rows when --rows is not given
+
+
+def run_lr_probe(
+    cfg: LrlConfig,
+    learning_rates: tuple[float, ...],
+    load: Callable[[LrlConfig], Models] | None = None,
+    data: LrlData | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train each selected trained row (`cfg.rows`, default `PROBED`) at each learning rate,
+    without scoring, in OUT/lr_probe (a runner: finished probes are read back); write
+    lr_probe.json and lr_probe.md there and return the report: per row, each rate's mean
+    training loss over the first and last steps, and the rate with the lowest last loss."""
+    names = tuple(cfg.rows or PROBED)
+    experiment, _ = _prepare(cfg, load, data, log, bool(set(names) & set(NEEDS_MA)))
+    rows, _ = experiment.rows(experiment.build_runner.keys["mA"])
+    chosen = [row for row in rows if row.name in names]
+    runner = Runner(Path(cfg.out_dir) / "lr_probe", probe_rows(chosen, learning_rates), log=log)
+    runner.run()
+    report = probe_report(runner.results(), names, learning_rates)
+    out = Path(cfg.out_dir) / "lr_probe"
+    atomic_write_text(out / "lr_probe.json", json.dumps(report, indent=2) + "\n")
+    (out / "lr_probe.md").write_text(probe_markdown(report))
+    return report
 
 
 def parse_languages(values: list[str] | None) -> tuple[str, ...]:
