@@ -17,7 +17,7 @@ from calm.recipes.code import models as code_models
 from calm.recipes.code.data import dc_pieces, source_root
 from calm.recipes.code.evaluation import METRICS, TaskData
 from calm.recipes.code.models import Models
-from calm.recipes.code.reproduce import ROWS, CodeConfig, run_code
+from calm.recipes.code.reproduce import ROWS, CodeConfig, run_code, run_lr_probe
 from calm.recipes.pretrained import lora_model, lora_rank
 from calm.tasks.bpb import make_code, python_files
 from calm.tasks.code_to_text import _split_of, iter_pairs
@@ -274,7 +274,30 @@ def test_command_line_builds_the_config_and_refuses_the_other_experiments_flags(
     assert cfg.limits == CodeConfig.quick().limits
     assert main(["reproduce", "code", "--full-eval", "--out", str(tmp_path)]) == 0
     assert set(seen[1].limits.values()) == {None} and seen[1].steps == CodeConfig().steps
+    assert main(["reproduce", "code", "--lr-calm", "2e-3", "--lr-lora", "1e-3"]) == 0
+    assert (seen[2].lr_calm, seen[2].lr_lora) == (2e-3, 1e-3)
+    assert seen[2].lr_finetune == CodeConfig().lr_finetune
+    probed = []
+    monkeypatch.setattr(reproduce, "run_lr_probe", lambda cfg, lrs: probed.append(lrs) or {})
+    assert main(["reproduce", "code", "--lr-probe", "1e-3,3e-3"]) == 0
+    assert probed == [(1e-3, 3e-3)] and len(seen) == 3
     assert main(["reproduce", "code", "--variant", "kv_math"]) == 2
     assert "--variant does not apply to calm reproduce code" in capsys.readouterr().err
+    assert main(["reproduce", "code", "--ma-steps", "3"]) == 2
+    assert "--ma-steps does not apply to calm reproduce code" in capsys.readouterr().err
     assert main(["reproduce", "kv", "--rows", "calm", "--device", "cuda"]) == 2
     assert "--rows, --device do not apply to calm reproduce kv" in capsys.readouterr().err
+
+
+def test_lr_probe_trains_without_scoring(models, data, tmp_path, monkeypatch):
+    cfg = _config(tmp_path, rows=("lora",))
+    train = _Counting(calm.train)
+    monkeypatch.setattr(calm, "train", train)
+    monkeypatch.setattr(calm, "evaluate", _Counting(calm.evaluate, refuse=True))
+    report = run_lr_probe(cfg, (1e-4, 1e-2), load=lambda _: models, data=data, log=lambda _: None)
+    assert train.calls == 2 and list(report) == ["lora"]
+    runs = report["lora"]["learning_rates"]
+    assert set(runs) == {"0.0001", "0.01"} and runs["0.0001"] != runs["0.01"]
+    assert (tmp_path / "lr_probe" / "lr_probe.md").exists() and not (tmp_path / "rows").exists()
+    with pytest.raises(UserError, match="Unknown rows"):
+        run_lr_probe(_config(tmp_path, rows=("calm_paper",)), (1e-3,), load=lambda _: models)

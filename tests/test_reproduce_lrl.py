@@ -295,8 +295,8 @@ def test_command_line_builds_the_config_and_refuses_the_other_experiments_flags(
     assert probed == [(3e-4, 1e-3)] and len(seen) == 4  # the probe, not the rows
     assert main(["reproduce", "lrl", "--lr-probe", "0,1e-3"]) == 2
     assert "--lr-probe takes positive learning rates" in capsys.readouterr().err
-    assert main(["reproduce", "code", "--lr-probe", "1e-3"]) == 2
-    assert "--lr-probe does not apply to calm reproduce code" in capsys.readouterr().err
+    assert main(["reproduce", "kv", "--lr-probe", "1e-3"]) == 2
+    assert "--lr-probe does not apply to calm reproduce kv" in capsys.readouterr().err
     assert main(["reproduce", "lrl", "--lang", "xx-en"]) == 2
     assert "--lang takes distinct pairs" in capsys.readouterr().err
     assert main(["reproduce", "lrl", "--variant", "kv_math"]) == 2

@@ -36,8 +36,9 @@ CODE_ONLY = {  # and lrl
     "lr_calm": None,
     "lr_lora": None,
     "lr_finetune": None,
+    "lr_probe": None,
 }
-LRL_ONLY = {"lang": None, "ma_steps": None, "lr_probe": None}
+LRL_ONLY = {"lang": None, "ma_steps": None}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,17 +110,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         code.add_argument(
             f"--lr-{kind}", type=float, default=None, help=f"Learning rate of {what}."
         )
-    lrl = parser.add_argument_group("lrl only")
-    lrl.add_argument(
-        "--ma-steps", type=int, default=None, help="Optimizer steps of mA's build (default 40)."
-    )
-    lrl.add_argument(
+    code.add_argument(
         "--lr-probe",
         default=None,
         metavar="LR,LR,...",
-        help="Only train the rows of --rows (default calm_paper,lora_paper,finetune) at each of "
-        "these learning rates, without scoring; report each one's training loss in "
-        "OUT/lr_probe/lr_probe.md.",
+        help="Only train the rows of --rows (default code: calm,lora,finetune; lrl: calm_paper,"
+        "lora_paper,finetune) at each of these learning rates, without scoring; report each "
+        "one's training loss in OUT/lr_probe/lr_probe.md.",
+    )
+    lrl = parser.add_argument_group("lrl only")
+    lrl.add_argument(
+        "--ma-steps", type=int, default=None, help="Optimizer steps of mA's build (default 40)."
     )
     lrl.add_argument(
         "--lang",
@@ -150,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_code(args: argparse.Namespace) -> int:
-    from calm.recipes.code.reproduce import ROWS, CodeConfig, run_code
-    from calm.recipes.runner import parse_rows
+    from calm.recipes.code.reproduce import ROWS, CodeConfig, run_code, run_lr_probe
+    from calm.recipes.runner import parse_learning_rates, parse_rows
 
     make = CodeConfig.quick if args.quick else CodeConfig
     flags = {
@@ -170,6 +171,8 @@ def _run_code(args: argparse.Namespace) -> int:
         threads=args.threads,
         **{k: v for k, v in flags.items() if v is not None},
     )
+    if args.lr_probe is not None:
+        return _report_probe(run_lr_probe(cfg, parse_learning_rates(args.lr_probe)), cfg.out_dir)
     results = run_code(cfg)
     print(
         f"wrote {Path(cfg.out_dir) / 'results.json'} ({len(results['rows'])} rows; "
@@ -202,16 +205,19 @@ def _run_lrl(args: argparse.Namespace) -> int:
         **{k: v for k, v in flags.items() if v is not None},
     )
     if args.lr_probe is not None:
-        report = run_lr_probe(cfg, parse_learning_rates(args.lr_probe))
-        for row, entry in report.items():
-            print(f"{row}: lowest training loss at lr {entry['best_lr']:g}")
-        print(f"wrote {Path(cfg.out_dir) / 'lr_probe' / 'lr_probe.md'}")
-        return 0
+        return _report_probe(run_lr_probe(cfg, parse_learning_rates(args.lr_probe)), cfg.out_dir)
     results = run_lrl(cfg)
     print(
         f"wrote {Path(cfg.out_dir) / 'results.json'} ({len(results['rows'])} rows; "
         f"{results['seconds_this_invocation']:.0f} s this invocation)"
     )
+    return 0
+
+
+def _report_probe(report: dict, out_dir: str) -> int:
+    for row, entry in report.items():
+        print(f"{row}: lowest training loss at lr {entry['best_lr']:g}")
+    print(f"wrote {Path(out_dir) / 'lr_probe' / 'lr_probe.md'}")
     return 0
 
 

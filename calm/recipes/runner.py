@@ -447,6 +447,30 @@ def probe_rows(rows: Iterable[Row], learning_rates: Iterable[float]) -> list[Row
     return probes
 
 
+def run_probe(
+    out_dir: str | os.PathLike,
+    rows: Iterable[Row],
+    names: Iterable[str],
+    learning_rates: Iterable[float],
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train the rows named (each must train) at each learning rate, without scoring, in
+    OUT/lr_probe (a runner of `probe_rows`: finished probes are read back, an interrupted one
+    resumes); write lr_probe.json and lr_probe.md there and return `probe_report`'s report."""
+    names, rates = list(names), list(learning_rates)
+    known = {row.name: row for row in rows}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"Unknown rows {', '.join(unknown)}; choose from {', '.join(known)}.")
+    out = Path(out_dir) / "lr_probe"
+    runner = Runner(out, probe_rows([known[n] for n in names], rates), log=log)
+    runner.run()
+    report = probe_report(runner.results(), names, rates)
+    atomic_write_text(out / "lr_probe.json", json.dumps(report, indent=2) + "\n")
+    (out / "lr_probe.md").write_text(probe_markdown(report))
+    return report
+
+
 def parse_learning_rates(text: str) -> tuple[float, ...]:
     """`--lr-probe 3e-4,1e-3` as a tuple of positive floats."""
     try:

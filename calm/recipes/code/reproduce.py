@@ -35,7 +35,7 @@ from calm.recipes.code.evaluation import TASKS, TaskData, score_row
 from calm.recipes.code.models import Models, load_models
 from calm.recipes.code.report import PAPER, plot, results_markdown
 from calm.recipes.pretrained import DTYPES, full_copy, lora_model, lora_rank, random_like
-from calm.recipes.runner import Row, RowContext, Runner, write_results
+from calm.recipes.runner import Row, RowContext, Runner, run_probe, trained_only, write_results
 
 ROWS = ("mA", "mB", "calm", "lora", "finetune", "vanilla_mA", "random_mA")
 # Examples scored per task: the full CPU run's fixed subsets (see docs/code.md for the budget).
@@ -172,16 +172,21 @@ class Experiment:
 
         return run
 
-    def composed(self, aug_role: str, random: bool = False) -> Callable[[RowContext], dict]:
+    def composed(
+        self, aug_role: str, random: bool = False, lr: float | None = None, score: bool = True
+    ) -> Callable[[RowContext], dict]:
         """A composition row: mB with the model of `aug_role` (its architecture at seeded random
-        weights when `random`), trained on D_C."""
+        weights when `random`), trained on D_C at `lr` (default `lr_calm`); only trained (no
+        scoring) when not `score`."""
 
         def run(ctx: RowContext) -> dict:
             aug = getattr(self.models, aug_role)
             aug = random_like(aug, seed=1000 + self.cfg.seed) if random else aug
             model = self.composition(aug, aug_role)
             try:
-                trained = self.train(ctx, model, self.cfg.lr_calm)
+                trained = self.train(ctx, model, lr or self.cfg.lr_calm)
+                if not score:
+                    return trained_only(ctx, trained)
                 out = self.score(ctx, model, self.models.tokenizers["mB"])
                 return out | {"train": trained, "parameters": model.num_trainable_parameters()}
             finally:
@@ -189,23 +194,33 @@ class Experiment:
 
         return run
 
-    def lora(self, rank: int) -> Callable[[RowContext], dict]:
+    def lora(
+        self, rank: int, lr: float | None = None, score: bool = True
+    ) -> Callable[[RowContext], dict]:
         def run(ctx: RowContext) -> dict:
             torch.manual_seed(self.cfg.seed)
             model = lora_model(self.models.mB, rank)
-            trained = self.train(ctx, model, self.cfg.lr_lora)
+            trained = self.train(ctx, model, lr or self.cfg.lr_lora)
+            if not score:
+                return trained_only(ctx, trained)
             out = self.score(ctx, model, self.models.tokenizers["mB"])
             parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
             return out | {"train": trained, "parameters": parameters, "rank": rank}
 
         return run
 
-    def finetune(self, ctx: RowContext) -> dict:
-        model = full_copy(self.models.mB)
-        trained = self.train(ctx, model, self.cfg.lr_finetune)
-        model = model.to(getattr(torch, self.cfg.dtype)).requires_grad_(False)
-        out = self.score(ctx, model, self.models.tokenizers["mB"])
-        return out | {"train": trained, "parameters": sum(p.numel() for p in model.parameters())}
+    def finetune(self, lr: float | None = None, score: bool = True) -> Callable[[RowContext], dict]:
+        def run(ctx: RowContext) -> dict:
+            model = full_copy(self.models.mB)
+            trained = self.train(ctx, model, lr or self.cfg.lr_finetune)
+            if not score:
+                return trained_only(ctx, trained)
+            model = model.to(getattr(torch, self.cfg.dtype)).requires_grad_(False)
+            out = self.score(ctx, model, self.models.tokenizers["mB"])
+            parameters = sum(p.numel() for p in model.parameters())
+            return out | {"train": trained, "parameters": parameters}
+
+        return run
 
     def rows(self) -> tuple[list[Row], dict]:
         """The rows, each with the config that keys it, and the LoRA rank it was matched to."""
@@ -221,7 +236,7 @@ class Experiment:
         composed = {"every": cfg.every}
         target = self.calm_parameters()
         rank = lora_rank(self.models.mB, target)
-        lora = {"rank": rank, "rank_for_parameters": target, "lr": cfg.lr_lora}
+        lora = {"rank": rank, "rank_for_parameters": target}
 
         def keyed(models: dict, **more) -> dict:
             return {"models": models, "eval": evals, **more}
@@ -235,12 +250,19 @@ class Experiment:
                     {"mB": ids["mB"], "mA": ids["mA"]}, train=train, calm=composed, lr=cfg.lr_calm
                 ),
                 self.composed("mA"),
+                lambda lr: self.composed("mA", lr=lr, score=False),
             ),
-            Row("lora", keyed({"mB": ids["mB"]}, train=train, lora=lora), self.lora(rank)),
+            Row(
+                "lora",
+                keyed({"mB": ids["mB"]}, train=train, lora=lora, lr=cfg.lr_lora),
+                self.lora(rank),
+                lambda lr: self.lora(rank, lr, score=False),
+            ),
             Row(
                 "finetune",
                 keyed({"mB": ids["mB"]}, train=train, lr=cfg.lr_finetune),
-                self.finetune,
+                self.finetune(),
+                lambda lr: self.finetune(lr, score=False),
             ),
             Row(
                 "vanilla_mA",
@@ -251,6 +273,7 @@ class Experiment:
                     lr=cfg.lr_calm,
                 ),
                 self.composed("vanilla_mA"),
+                lambda lr: self.composed("vanilla_mA", lr=lr, score=False),
             ),
             Row(
                 "random_mA",
@@ -264,9 +287,10 @@ class Experiment:
                     lr=cfg.lr_calm,
                 ),
                 self.composed("mA", random=True),
+                lambda lr: self.composed("mA", random=True, lr=lr, score=False),
             ),
         ]
-        return rows, {"rank": rank, "calm_parameters": target}
+        return rows, {"rank": rank, "calm_parameters": target, "lr": cfg.lr_lora}
 
 
 def _limits(cfg: CodeConfig, rows: dict) -> dict[str, int]:
@@ -274,6 +298,25 @@ def _limits(cfg: CodeConfig, rows: dict) -> dict[str, int]:
     configured count (None, every example, counts as 0 until a row has run)."""
     scored = next((r["examples"] for r in rows.values() if "examples" in r), {})
     return {t: scored.get(t, n or 0) for t, n in cfg.limits.items()}
+
+
+PROBED = ("calm", "lora", "finetune")  # --lr-probe's rows when --rows is not given
+
+
+def run_lr_probe(
+    cfg: CodeConfig,
+    learning_rates: tuple[float, ...],
+    load: Callable[[CodeConfig], Models] | None = None,
+    data: TaskData | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train each selected trained row (`cfg.rows`, default `PROBED`) at each learning rate,
+    without scoring, in OUT/lr_probe; write lr_probe.json and lr_probe.md there and return the
+    report (`calm.recipes.runner.run_probe`)."""
+    torch.set_num_threads(cfg.threads)
+    models = load(cfg) if load is not None else load_models(cfg.device, cfg.dtype)
+    rows, _ = Experiment(cfg, models, data or TaskData()).rows()
+    return run_probe(cfg.out_dir, rows, cfg.rows or PROBED, learning_rates, log)
 
 
 def run_code(

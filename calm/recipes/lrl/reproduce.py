@@ -22,7 +22,6 @@ each floor, with a paired bootstrap 95% interval over the examples.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -31,7 +30,6 @@ from pathlib import Path
 import torch
 
 import calm
-from calm.checkpoint import atomic_write_text
 from calm.errors import UserError
 from calm.recipes.lrl.data import LrlData, dc_records, ma_records
 from calm.recipes.lrl.evaluation import FLOORS, KINDS, build_tasks, score_row
@@ -42,9 +40,7 @@ from calm.recipes.runner import (
     Row,
     RowContext,
     Runner,
-    probe_markdown,
-    probe_report,
-    probe_rows,
+    run_probe,
     trained_only,
     write_results,
 )
@@ -471,14 +467,7 @@ def run_lr_probe(
     names = tuple(cfg.rows or PROBED)
     experiment, _ = _prepare(cfg, load, data, log, bool(set(names) & set(NEEDS_MA)))
     rows, _ = experiment.rows(experiment.build_runner.keys["mA"])
-    chosen = [row for row in rows if row.name in names]
-    runner = Runner(Path(cfg.out_dir) / "lr_probe", probe_rows(chosen, learning_rates), log=log)
-    runner.run()
-    report = probe_report(runner.results(), names, learning_rates)
-    out = Path(cfg.out_dir) / "lr_probe"
-    atomic_write_text(out / "lr_probe.json", json.dumps(report, indent=2) + "\n")
-    (out / "lr_probe.md").write_text(probe_markdown(report))
-    return report
+    return run_probe(cfg.out_dir, rows, names, learning_rates, log)
 
 
 def parse_languages(values: list[str] | None) -> tuple[str, ...]:
