@@ -299,5 +299,8 @@ def test_lr_probe_trains_without_scoring(models, data, tmp_path, monkeypatch):
     runs = report["lora"]["learning_rates"]
     assert set(runs) == {"0.0001", "0.01"} and runs["0.0001"] != runs["0.01"]
     assert (tmp_path / "lr_probe" / "lr_probe.md").exists() and not (tmp_path / "rows").exists()
+    cfg = _config(tmp_path, rows=("finetune",))
+    both = run_lr_probe(cfg, (1e-4,), load=lambda _: models, data=data, log=lambda _: None)
+    assert list(both) == ["lora", "finetune"] and both["lora"] == report["lora"]  # kept
     with pytest.raises(UserError, match="Unknown rows"):
         run_lr_probe(_config(tmp_path, rows=("calm_paper",)), (1e-3,), load=lambda _: models)

@@ -456,7 +456,8 @@ def run_probe(
 ) -> dict:
     """Train the rows named (each must train) at each learning rate, without scoring, in
     OUT/lr_probe (a runner of `probe_rows`: finished probes are read back, an interrupted one
-    resumes); write lr_probe.json and lr_probe.md there and return `probe_report`'s report."""
+    resumes); write lr_probe.json and lr_probe.md there (keeping the entries of rows probed
+    by earlier invocations) and return that report (`probe_report`'s shape)."""
     names, rates = list(names), list(learning_rates)
     known = {row.name: row for row in rows}
     unknown = [n for n in names if n not in known]
@@ -466,6 +467,7 @@ def run_probe(
     runner = Runner(out, probe_rows([known[n] for n in names], rates), log=log)
     runner.run()
     report = probe_report(runner.results(), names, rates)
+    report = {**(_read(out / "lr_probe.json") or {}), **report}  # rows probed earlier stay
     atomic_write_text(out / "lr_probe.json", json.dumps(report, indent=2) + "\n")
     (out / "lr_probe.md").write_text(probe_markdown(report))
     return report

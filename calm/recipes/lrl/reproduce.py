@@ -82,10 +82,10 @@ class LrlConfig:
     lr_calm: float = 3e-4  # the composition blocks (calm_*, vanilla_mA, random_mA)
     lr_lora: float = 3e-4  # the LoRA adapters
     lr_finetune: float = 2e-5  # every weight of mB
-    ma_steps: int = 40  # mA's build: optimizer steps over its corpus
+    ma_steps: int = 120  # mA's build: optimizer steps over its corpus (960 records, ~16%)
     ma_max_length: int = 512  # mA tokens per record (SmolLM2 spends 1.8 tokens a Bengali char)
-    ma_warmup_steps: int = 4
-    lr_ma: float = 1e-4  # every weight of SmolLM2 while mA is built
+    ma_warmup_steps: int = 10
+    lr_ma: float = 3e-4  # every weight of SmolLM2 while mA is built
     dc_fraction: float = 0.05  # D_C `paper`: this share of mA's pieces per language
     parallel_pairs: int = 1000  # D_C `parallel`: aligned train pairs per language (all if fewer)
     every: int = 4  # the default rule connects every 4th augmenting layer (the paper's n/4)
