@@ -15,13 +15,11 @@ interrupted during evaluation resumes at the next task.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import calm
-from calm.checkpoint import atomic_write_text
+from calm.recipes.experiment import evaluated, score_tasks
 from calm.recipes.pretrained import sentence_chrf
 from calm.tasks.registry import Task, get_task
 
@@ -95,41 +93,19 @@ def score_row(
     seed: int,
     progress: bool,
 ) -> dict:
-    """Score `model` (decoding with `tokenizer`) on every task: {"metrics", "per_example",
-    "examples": {task: n}, "eval_seconds"}; writes directory/samples.jsonl, one line a sample."""
-    metrics, per_example, examples, seconds, lines = {}, {}, {}, {}, []
-    for name, task in tasks.items():
-        cached = directory / "eval" / f"{name}.json"
-        if cached.is_file():
-            result = json.loads(cached.read_text())
-        else:
-            scored = calm.evaluate(
-                model,
-                task,
-                tokenizer=tokenizer,
-                limit=limits.get(name),
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens if name in GENERATED else None,
-                seed=seed,
-                progress=progress,
-            )
-            result = {
-                "metrics": scored.metrics,
-                "seconds": scored.metadata["generation_seconds"],
-                "samples": scored.samples,
-            }
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cached, json.dumps(result, ensure_ascii=False))
-        m, values = row_values(name, result["metrics"], result["samples"])
-        metrics |= m
-        per_example |= values
-        examples[name] = len(result["samples"])
-        seconds[name] = result["seconds"]
-        lines += [json.dumps({"task": name, **s}, ensure_ascii=False) for s in result["samples"]]
-    (directory / "samples.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {
-        "metrics": metrics,
-        "per_example": per_example,
-        "examples": examples,
-        "eval_seconds": seconds,
-    }
+    """Score `model` (decoding with `tokenizer`) on every task (`score_tasks`'s result)."""
+
+    def compute(name: str, task: Task) -> dict:
+        tokens = max_new_tokens if name in GENERATED else None
+        return evaluated(
+            model,
+            tokenizer,
+            task,
+            limit=limits.get(name),
+            batch_size=batch_size,
+            max_new_tokens=tokens,
+            seed=seed,
+            progress=progress,
+        )
+
+    return score_tasks(tasks, directory, compute, row_values)

@@ -34,8 +34,9 @@ from calm.recipes.code.data import dc_records, source_root
 from calm.recipes.code.evaluation import TASKS, TaskData, score_row
 from calm.recipes.code.models import Models, load_models
 from calm.recipes.code.report import PAPER, plot, results_markdown
-from calm.recipes.pretrained import DTYPES, full_copy, lora_model, lora_rank, random_like
-from calm.recipes.runner import Row, RowContext, Runner, run_probe, trained_only, write_results
+from calm.recipes.experiment import TrainedRows
+from calm.recipes.pretrained import DTYPES, lora_rank, random_like
+from calm.recipes.runner import Row, RowContext, Runner, run_probe, write_results
 
 ROWS = ("mA", "mB", "calm", "lora", "finetune", "vanilla_mA", "random_mA")
 # Examples scored per task: the full CPU run's fixed subsets (see docs/code.md for the budget).
@@ -95,7 +96,7 @@ class CodeConfig:
         return {k: getattr(self, k) for k in keys} | {"data": asdict(data)}
 
 
-class Experiment:
+class Experiment(TrainedRows):
     """The models, the tasks and D_C of one run, and the function of each row."""
 
     def __init__(self, cfg: CodeConfig, models: Models, data: TaskData) -> None:
@@ -143,8 +144,9 @@ class Experiment:
             progress=cfg.progress,
         )
 
-    def train(self, ctx: RowContext, model, learning_rate: float) -> dict:
-        """Train `model` on D_C through `calm.train` (resuming); what the loop ended at."""
+    def train(self, ctx: RowContext, model, learning_rate: float, dc: str | None = None) -> dict:
+        """Train `model` on D_C (the one there is) through `calm.train` (resuming); what the
+        loop ended at."""
         tok = self.models.tokenizers["mB"]
         result = ctx.train(model, self.dc, self.train_config(learning_rate), tokenizer=tok)
         return {"steps": result.step, "final_loss": result.train_loss}
@@ -172,55 +174,16 @@ class Experiment:
 
         return run
 
-    def composed(
-        self, aug_role: str, random: bool = False, lr: float | None = None, score: bool = True
-    ) -> Callable[[RowContext], dict]:
-        """A composition row: mB with the model of `aug_role` (its architecture at seeded random
-        weights when `random`), trained on D_C at `lr` (default `lr_calm`); only trained (no
-        scoring) when not `score`."""
+    def make(self, aug_role: str, random: bool = False) -> Callable[[], calm.CALM]:
+        """How a composition row builds its model: mB with the model of `aug_role` (its
+        architecture at seeded random weights when `random`)."""
 
-        def run(ctx: RowContext) -> dict:
+        def make() -> calm.CALM:
             aug = getattr(self.models, aug_role)
             aug = random_like(aug, seed=1000 + self.cfg.seed) if random else aug
-            model = self.composition(aug, aug_role)
-            try:
-                trained = self.train(ctx, model, lr or self.cfg.lr_calm)
-                if not score:
-                    return trained_only(ctx, trained)
-                out = self.score(ctx, model, self.models.tokenizers["mB"])
-                return out | {"train": trained, "parameters": model.num_trainable_parameters()}
-            finally:
-                model.remove()
+            return self.composition(aug, aug_role)
 
-        return run
-
-    def lora(
-        self, rank: int, lr: float | None = None, score: bool = True
-    ) -> Callable[[RowContext], dict]:
-        def run(ctx: RowContext) -> dict:
-            torch.manual_seed(self.cfg.seed)
-            model = lora_model(self.models.mB, rank)
-            trained = self.train(ctx, model, lr or self.cfg.lr_lora)
-            if not score:
-                return trained_only(ctx, trained)
-            out = self.score(ctx, model, self.models.tokenizers["mB"])
-            parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            return out | {"train": trained, "parameters": parameters, "rank": rank}
-
-        return run
-
-    def finetune(self, lr: float | None = None, score: bool = True) -> Callable[[RowContext], dict]:
-        def run(ctx: RowContext) -> dict:
-            model = full_copy(self.models.mB)
-            trained = self.train(ctx, model, lr or self.cfg.lr_finetune)
-            if not score:
-                return trained_only(ctx, trained)
-            model = model.to(getattr(torch, self.cfg.dtype)).requires_grad_(False)
-            out = self.score(ctx, model, self.models.tokenizers["mB"])
-            parameters = sum(p.numel() for p in model.parameters())
-            return out | {"train": trained, "parameters": parameters}
-
-        return run
+        return make
 
     def rows(self) -> tuple[list[Row], dict]:
         """The rows, each with the config that keys it, and the LoRA rank it was matched to."""
@@ -249,20 +212,20 @@ class Experiment:
                 keyed(
                     {"mB": ids["mB"], "mA": ids["mA"]}, train=train, calm=composed, lr=cfg.lr_calm
                 ),
-                self.composed("mA"),
-                lambda lr: self.composed("mA", lr=lr, score=False),
+                self.composed(self.make("mA")),
+                lambda lr: self.composed(self.make("mA"), lr=lr, score=False),
             ),
             Row(
                 "lora",
                 keyed({"mB": ids["mB"]}, train=train, lora=lora, lr=cfg.lr_lora),
                 self.lora(rank),
-                lambda lr: self.lora(rank, lr, score=False),
+                lambda lr: self.lora(rank, lr=lr, score=False),
             ),
             Row(
                 "finetune",
                 keyed({"mB": ids["mB"]}, train=train, lr=cfg.lr_finetune),
                 self.finetune(),
-                lambda lr: self.finetune(lr, score=False),
+                lambda lr: self.finetune(lr=lr, score=False),
             ),
             Row(
                 "vanilla_mA",
@@ -272,8 +235,8 @@ class Experiment:
                     calm=composed,
                     lr=cfg.lr_calm,
                 ),
-                self.composed("vanilla_mA"),
-                lambda lr: self.composed("vanilla_mA", lr=lr, score=False),
+                self.composed(self.make("vanilla_mA")),
+                lambda lr: self.composed(self.make("vanilla_mA"), lr=lr, score=False),
             ),
             Row(
                 "random_mA",
@@ -286,8 +249,8 @@ class Experiment:
                     calm=composed,
                     lr=cfg.lr_calm,
                 ),
-                self.composed("mA", random=True),
-                lambda lr: self.composed("mA", random=True, lr=lr, score=False),
+                self.composed(self.make("mA", random=True)),
+                lambda lr: self.composed(self.make("mA", random=True), lr=lr, score=False),
             ),
         ]
         return rows, {"rank": rank, "calm_parameters": target, "lr": cfg.lr_lora}

@@ -18,12 +18,10 @@ soon as it is scored, so a row interrupted during evaluation resumes at the next
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import calm
-from calm.checkpoint import atomic_write_text
+from calm.recipes.experiment import evaluated, score_tasks
 from calm.recipes.lrl.data import LrlData
 from calm.recipes.pretrained import sentence_chrf
 from calm.tasks.registry import Task, get_task
@@ -99,22 +97,6 @@ def _floor(task: Task, floor: str, limit: int | None, seed: int) -> dict:
     return {"metrics": metrics, "seconds": 0.0, "samples": samples}
 
 
-def _evaluate(model, tokenizer, name: str, task: Task, limit, settings: dict) -> dict:
-    scored = calm.evaluate(
-        model,
-        task,
-        tokenizer=tokenizer,
-        shots=SHOTS if name.startswith("translation:") else None,
-        limit=limit,
-        **settings,
-    )
-    return {
-        "metrics": scored.metrics,
-        "seconds": scored.metadata["generation_seconds"],
-        "samples": scored.samples,
-    }
-
-
 def score_row(
     model: Any,
     tokenizer: Any,
@@ -129,37 +111,24 @@ def score_row(
     progress: bool = False,
 ) -> dict:
     """Score `model` (decoding with `tokenizer`), or the floor `floor` (translation tasks only),
-    on every task: {"metrics", "per_example", "examples": {task: n}, "eval_seconds"}; writes
-    directory/samples.jsonl, one line a sample."""
-    settings = dict(batch_size=batch_size, seed=seed, progress=progress)
-    metrics, per_example, examples, seconds, lines = {}, {}, {}, {}, []
-    for name, task in tasks.items():
+    on every task (`score_tasks`'s result)."""
+
+    def compute(name: str, task: Task) -> dict:
         kind = name.partition(":")[0]
-        if floor is not None and kind != "translation":
-            continue
-        cached = directory / "eval" / f"{name.replace(':', '_')}.json"
-        if cached.is_file():
-            result = json.loads(cached.read_text())
-        else:
-            if floor is not None:
-                result = _floor(task, floor, limits[kind], seed)
-            else:
-                tokens = max_new_tokens if kind == "translation" else None
-                settings["max_new_tokens"] = tokens
-                result = _evaluate(model, tokenizer, name, task, limits[kind], settings)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cached, json.dumps(result, ensure_ascii=False))
-        m, values = row_values(name, result["metrics"], result["samples"])
-        metrics |= m
-        per_example |= values
-        examples[name] = len(result["samples"])
-        seconds[name] = result["seconds"]
-        lines += [json.dumps({"task": name, **s}, ensure_ascii=False) for s in result["samples"]]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "samples.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {
-        "metrics": metrics,
-        "per_example": per_example,
-        "examples": examples,
-        "eval_seconds": seconds,
-    }
+        if floor is not None:
+            return _floor(task, floor, limits[kind], seed)
+        return evaluated(
+            model,
+            tokenizer,
+            task,
+            shots=SHOTS if kind == "translation" else None,
+            limit=limits[kind],
+            max_new_tokens=max_new_tokens if kind == "translation" else None,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
+
+    if floor is not None:
+        tasks = {n: t for n, t in tasks.items() if n.startswith("translation:")}
+    return score_tasks(tasks, directory, compute, row_values)

@@ -31,17 +31,17 @@ import torch
 
 import calm
 from calm.errors import UserError
+from calm.recipes.experiment import TrainedRows
 from calm.recipes.lrl.data import LrlData, dc_records, ma_records
 from calm.recipes.lrl.evaluation import FLOORS, KINDS, build_tasks, score_row
 from calm.recipes.lrl.models import Models, load_built, load_models, versions
 from calm.recipes.lrl.report import PAPER, plot, results_markdown
-from calm.recipes.pretrained import DTYPES, full_copy, lora_model, lora_rank, random_like
+from calm.recipes.pretrained import DTYPES, full_copy, lora_rank, random_like
 from calm.recipes.runner import (
     Row,
     RowContext,
     Runner,
     run_probe,
-    trained_only,
     write_results,
 )
 from calm.tasks.translation import LANGUAGES
@@ -135,7 +135,7 @@ class LrlConfig:
         return {k: getattr(self, k) for k in keys} | {"seed": self.seed, "data": asdict(data)}
 
 
-class Experiment:
+class Experiment(TrainedRows):
     """The models, tasks, mA's corpus and the D_C variants of one run, and each row's function."""
 
     def __init__(self, cfg: LrlConfig, models: Models, data: LrlData) -> None:
@@ -269,57 +269,19 @@ class Experiment:
 
         return run
 
-    def composed(
-        self, aug: str, dc: str = "paper", lr: float | None = None, score: bool = True
-    ) -> Callable[[RowContext], dict]:
-        """A composition row: mB with `aug` ("mA", "vanilla_mA" or "random_mA"), trained on D_C
-        `dc` at `lr` (default `lr_calm`); only trained (no scoring) when not `score`."""
+    def make(self, aug: str) -> Callable[[], calm.CALM]:
+        """How a composition row builds its model: mB with `aug` ("mA", "vanilla_mA" or
+        "random_mA")."""
 
-        def run(ctx: RowContext) -> dict:
+        def make() -> calm.CALM:
             model = {
                 "mA": self.mA,
                 "vanilla_mA": lambda: self.models.vanilla_mA,
                 "random_mA": lambda: random_like(self.models.vanilla_mA, 1000 + self.cfg.seed),
             }[aug]()
-            model = self.composition(model)
-            try:
-                trained = self.train(ctx, model, lr or self.cfg.lr_calm, dc)
-                if not score:
-                    return trained_only(ctx, trained)
-                out = self.score(ctx, model, self.models.tokenizers["mB"])
-                return out | {"train": trained, "parameters": model.num_trainable_parameters()}
-            finally:
-                model.remove()
+            return self.composition(model)
 
-        return run
-
-    def lora(
-        self, rank: int, dc: str, lr: float | None = None, score: bool = True
-    ) -> Callable[[RowContext], dict]:
-        def run(ctx: RowContext) -> dict:
-            torch.manual_seed(self.cfg.seed)
-            model = lora_model(self.models.mB, rank)
-            trained = self.train(ctx, model, lr or self.cfg.lr_lora, dc)
-            if not score:
-                return trained_only(ctx, trained)
-            out = self.score(ctx, model, self.models.tokenizers["mB"])
-            parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            return out | {"train": trained, "parameters": parameters, "rank": rank}
-
-        return run
-
-    def finetune(self, lr: float | None = None, score: bool = True) -> Callable[[RowContext], dict]:
-        def run(ctx: RowContext) -> dict:
-            model = full_copy(self.models.mB)
-            trained = self.train(ctx, model, lr or self.cfg.lr_finetune, "paper")
-            if not score:
-                return trained_only(ctx, trained)
-            model = model.to(getattr(torch, self.cfg.dtype)).requires_grad_(False)
-            out = self.score(ctx, model, self.models.tokenizers["mB"])
-            parameters = sum(p.numel() for p in model.parameters())
-            return out | {"train": trained, "parameters": parameters}
-
-        return run
+        return make
 
     def rows(self, build_key: str) -> tuple[list[Row], dict]:
         """The rows, each with the config that keys it, and the LoRA rank it was matched to."""
@@ -351,8 +313,8 @@ class Experiment:
             return Row(
                 name,
                 config,
-                self.composed(aug, dc),
-                lambda lr: self.composed(aug, dc, lr, score=False),
+                self.composed(self.make(aug), dc),
+                lambda lr: self.composed(self.make(aug), dc, lr, score=False),
             )
 
         def lora_row(dc: str) -> Row:
@@ -375,8 +337,8 @@ class Experiment:
             Row(
                 "finetune",
                 keyed({"mB": ids["mB"]}, train=train["paper"], lr=cfg.lr_finetune),
-                self.finetune(),
-                lambda lr: self.finetune(lr, score=False),
+                self.finetune("paper"),
+                lambda lr: self.finetune("paper", lr, score=False),
             ),
             calm_row("vanilla_mA", "vanilla_mA", ids["vanilla_mA"], "paper"),
             calm_row("random_mA", "random_mA", random_mA, "paper"),
