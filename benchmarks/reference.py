@@ -1,11 +1,14 @@
 """The least work the method needs, written with plain torch: the bound CALM is measured against.
 
-Shapes: B batch, T tokens, A augmenting width, D anchor width, H heads, Dh = D // H, V vocabulary.
-Works on Llama-style Hugging Face models (decoder layers called directly, no HF model forward).
+Shapes: B batch, T anchor tokens, S augmenting tokens (T with one tokenizer), A augmenting width,
+D anchor width, H heads, Dh = D // H, V vocabulary.
+Works on Llama-style Hugging Face models (decoder layers called directly, no HF model forward),
+Gemma-3's local and global rotary tables included, on unpadded batches.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
@@ -31,19 +34,59 @@ class Block(nn.Module):
         B, L, D = x.shape
         return x.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, L, Dh)
 
-    def forward(self, h: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        aug: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """mask None: query t sees keys s <= t (one tokenizer); else `visible_mask`'s pair."""
         B, L, D = h.shape
-        x = self.proj(aug)  # (B, T, D)
+        x = self.proj(aug)  # (B, S, D)
         out = F.scaled_dot_product_attention(
-            self._heads(self.q(h)), self._heads(self.k(x)), self._heads(self.v(x)), is_causal=True
+            self._heads(self.q(h)),
+            self._heads(self.k(x)),
+            self._heads(self.v(x)),
+            attn_mask=mask,
+            is_causal=mask is None,
         )  # (B, H, T, Dh)
-        return self.o(out.transpose(1, 2).reshape(B, L, D))
+        out = self.o(out.transpose(1, 2).reshape(B, L, D))
+        return out if rows is None else out * rows
+
+
+def visible_mask(visible: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-attention mask of a `TokenizerPair` batch with nothing padded: anchor token t
+    sees the first visible[b, t] of the S augmenting tokens. Returns the (B, 1, T, S) bool mask,
+    rows with no key filled (SDPA would give NaN), and the (B, T, 1) bool multiplier that zeroes
+    those rows' residuals: what `calm.cross_attention.attention_mask` computes."""
+    rank = torch.arange(S, device=visible.device)  # nothing padded: key s is the s-th real one
+    mask = rank[None, None, None, :] < visible[:, None, :, None]  # (B, 1, T, S)
+    has_key = mask.any(-1)  # (B, 1, T)
+    return mask | ~has_key[..., None], has_key[:, 0, :, None]
+
+
+def rotary_tables(model, x: torch.Tensor, positions: torch.Tensor) -> list:
+    """The rotary (cos, sin) each decoder layer of `model` reads: one table for every layer, or
+    one per layer type where the rotary embedding takes the type (Gemma-3: local and global)."""
+    rotary = model.model.rotary_emb
+    n = len(hf.decoder_layers(model))
+    types = getattr(model.config, "layer_types", None)
+    if types and "layer_type" in inspect.signature(rotary.forward).parameters:
+        tables = {t: rotary(x, positions, t) for t in set(types)}
+        return [tables[t] for t in types[:n]]
+    return [rotary(x, positions)] * n
 
 
 class ReferenceStep:
     """One training step of the composition: augmenting layers up to the deepest connected one
     under no_grad (no LM head), anchor layers with the blocks' residuals, loss, backward that
-    stops at the first connection (nothing below it needs a gradient), AdamW on the blocks."""
+    stops at the first connection (nothing below it needs a gradient), AdamW on the blocks.
+
+    With two tokenizers (a `TokenizerPair` batch), the augmenting model reads its own ids and
+    the blocks attend through the batch's `aug_visible` (`visible_mask`). Nothing may be padded,
+    and no sequence may be longer than a sliding-window layer's window (the layers run plain
+    causal attention, with no mask)."""
 
     def __init__(self, anchor, aug, connections, blocks: nn.ModuleList, lr: float = 1e-4):
         self.anchor, self.aug = anchor, aug
@@ -57,31 +100,53 @@ class ReferenceStep:
 
     @staticmethod
     def _embed(model, ids: torch.Tensor):
-        x = model.model.embed_tokens(ids)  # (B, T, width)
+        """(B, L, width) embeddings and each decoder layer's rotary tables."""
+        window = getattr(model.config, "sliding_window", None)
+        if window and "sliding_attention" in (getattr(model.config, "layer_types", None) or ()):
+            if ids.shape[1] > window:
+                raise ValueError(f"{ids.shape[1]} tokens exceed the sliding window {window}.")
+        x = model.model.embed_tokens(ids)  # (B, L, width)
         pos = torch.arange(ids.shape[1], device=ids.device)[None]
-        return x, model.model.rotary_emb(x, pos)
+        return x, rotary_tables(model, x, pos)
 
-    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self,
+        ids: torch.Tensor,
+        aug_ids: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ids (B, T); aug_ids (B, S): the augmenting model's own ids (None: it reads ids);
+        visible (B, T): how many of them each anchor token sees (a pair batch's aug_visible)."""
+        aug_ids = ids if aug_ids is None else aug_ids
+        mask, rows = (None, None) if visible is None else visible_mask(visible, aug_ids.shape[1])
         with torch.no_grad():
-            x, rope = self._embed(self.aug, ids)
+            x, ropes = self._embed(self.aug, aug_ids)
             states = {}
-            for i, layer in enumerate(self.aug_layers):
+            for i, (layer, rope) in enumerate(zip(self.aug_layers, ropes)):
                 x = layer(x, position_embeddings=rope)  # attention_mask=None: causal SDPA
                 if i in self.needed:
-                    states[i] = x  # (B, T, A)
-            h, rope = self._embed(self.anchor, ids)
-        for i, layer in enumerate(self.anchor_layers):
+                    states[i] = x  # (B, S, A)
+            h, ropes = self._embed(self.anchor, ids)
+        for i, (layer, rope) in enumerate(zip(self.anchor_layers, ropes)):
             with torch.set_grad_enabled(i > self.first):
                 h = layer(h, position_embeddings=rope)  # (B, T, D)
             for c, block in zip(self.connections, self.blocks):
                 if c.anchor_layer == i:
-                    h = h + block(h, states[c.aug_layer])
+                    h = h + block(h, states[c.aug_layer], mask, rows)
         logits = self.anchor.lm_head(self.anchor.model.norm(h))  # (B, T, V)
+        cap = getattr(self.anchor.config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma-2/3 configs may set it (Gemma-3-270M does not)
+            logits = torch.tanh(logits / cap) * cap
         # the loss in float32, as Hugging Face's causal LMs compute it (a no-op in float32)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
-    def __call__(self, ids: torch.Tensor) -> float:
-        loss = self.loss(ids)
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        aug_ids: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
+    ) -> float:
+        loss = self.loss(ids, aug_ids, visible)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -118,16 +183,29 @@ def greedy_steps(model, ids: torch.Tensor, new_tokens: int):
 
 @torch.no_grad()
 def alternated_greedy(
-    anchor, aug, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, streamer=None
+    anchor,
+    aug,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id=None,
+    streamer=None,
+    aug_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The two models' cached calls alternated token by token in one loop, the augmenting
     model's output unused: a composition whose blocks cost nothing. Called like
-    `CALM.generate` (greedy, no end token), so `Lockstep` can time it in CALM's place."""
+    `CALM.generate` (greedy, no end token), so `Lockstep` can time it in CALM's place.
+
+    aug_ids (B, S): the augmenting model's own prompt (another tokenizer); it then reads its own
+    greedy tokens, since the anchor's are not in its vocabulary (None: it reads the anchor's)."""
     anchor_cache, aug_cache = hf.new_cache(anchor), hf.new_cache(aug)
     step = ids
+    aug_step = aug_ids
     out = [ids]
     for _ in range(max_new_tokens):
-        aug(input_ids=step, logits_to_keep=1, **hf.cache_kwargs(aug, aug_cache))
+        kwargs = hf.cache_kwargs(aug, aug_cache)
+        logits = aug(input_ids=step if aug_ids is None else aug_step, logits_to_keep=1, **kwargs)
+        if aug_ids is not None:
+            aug_step = logits.logits[:, -1].argmax(-1)[:, None]
         kwargs = hf.cache_kwargs(anchor, anchor_cache)
         step = anchor(input_ids=step, logits_to_keep=1, **kwargs).logits[:, -1].argmax(-1)[:, None]
         out.append(step)

@@ -4,9 +4,12 @@
                          [--configs mid,large]
 
 Writes DIR/bench.json, DIR/bench.md and DIR/scaling.png (DIR/bench.partial.json after each config
-until then, for a run cut short). `--configs` picks configs by name; scaling runs on the last one
-picked. Every ratio compares functions timed in the same run, interleaved rep by rep (see
-measure.py). Nothing here asserts a timing. On a GPU (`--device cuda`) the configs are `GPU` below
+until then, for a run cut short). `--configs` picks configs by name; scaling runs on the last
+random-model config picked (none when only real checkpoints are picked: no scaling, no plot).
+The real checkpoints run in the full mode only, when converted: "smollm2-135m-x2" (`REAL`) and
+"gemma3-270m+qwen2.5-coder-0.5b" (`pair.REAL_PAIR`: two tokenizers, see benchmarks/pair.py).
+Every ratio compares functions timed in the same run, interleaved rep by rep (see measure.py).
+Nothing here asserts a timing. On a GPU (`--device cuda`) the configs are `GPU` below
 (mid, and a large pair that fills the GPU better), each timed call ends with a device
 synchronisation, and peak memory is the CUDA allocator's.
 """
@@ -26,7 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # calm-pytorch's sampler draws a pro
 import torch  # noqa: E402
 
 import calm  # noqa: E402
-from benchmarks import measure, peers, reference  # noqa: E402
+from benchmarks import measure, pair, peers, reference  # noqa: E402
 from calm import CALM, CALMConfig, Connection, hf  # noqa: E402
 
 
@@ -399,13 +402,41 @@ def markdown(report: dict) -> str:
         f"{report['machine']}; {report['device']}, {report['dtype']}; "
         f"torch {report['torch']}, {report['threads']} thread(s); "
         f"load average at start {report['load_at_start']}, at end {report['load_at_end']}.",
+    ]
+    same = {name: c for name, c in report["configs"].items() if c.get("kind") is None}
+    if same:
+        lines += one_tokenizer_rows(same, report["peer_note"])
+    lines += pair.markdown_rows(report["configs"])
+    if "tokenizer_pair_note" in report:
+        lines += ["", report["tokenizer_pair_note"] + "."]
+    sc = report.get("scaling")
+    if sc is None:
+        return "\n".join(lines) + "\n"
+    lines += ["", f"## Scaling ({sc['config']} config)", "", "| seq | CALM ms | ref ms | ratio |"]
+    lines.append("|---|---|---|---|")
+    for r in sc["by_seq"]:
+        lines.append(
+            f"| {r['seq']} | {r['calm_ms']:.1f} | {r['reference_ms']:.1f} | {r['ratio']:.3f} |"
+        )
+    lines += ["", "| connections | CALM ms | ref ms | ratio |", "|---|---|---|---|"]
+    for r in sc["by_connections"]:
+        lines.append(
+            f"| {r['n_connections']} | {r['calm_ms']:.1f} | {r['reference_ms']:.1f} | "
+            f"{r['ratio']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def one_tokenizer_rows(configs: dict, peer_note: str) -> list[str]:
+    """The tables of the configs whose two models share a tokenizer: ours, then the peer's."""
+    lines = [
         "",
         "| config | step / ref | step / ref (default cfg) | peak mem / ref | gen / bound | "
         "alternated / bound | gen / alternated | gen / bound (token by token; control) | "
         "gen speedup vs recompute | aug-cache speedup | cached == recompute | leaks |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, c in report["configs"].items():
+    for name, c in configs.items():
         g = c["generate"]
         lines.append(
             f"| {name} | {c['train']['ratio']:.3f} | {c['train']['ratio_default_config']:.3f} | "
@@ -424,10 +455,10 @@ def markdown(report: dict) -> str:
         "peer leaks | peer cached == recompute |",
         "|---|---|---|---|---|---|",
     ]
-    for name, c in report["configs"].items():
+    for name, c in configs.items():
         p = c.get("peer_calm_pytorch")
         if p is None:
-            note = report["peer_note"] or "not run on this config (time)"
+            note = peer_note or "not run on this config (time)"
             lines.append(f"| {name} | skipped: {note} | | | | |")
             continue
         lines.append(
@@ -435,20 +466,24 @@ def markdown(report: dict) -> str:
             f"{p['peak_bytes'] / p['calm_peak_bytes']:.2f} | "
             f"{p['calm_tps']:.1f}, {p['tps']:.1f} | {p['leaks']} | no cache |"
         )
-    sc = report["scaling"]
-    lines += ["", f"## Scaling ({sc['config']} config)", "", "| seq | CALM ms | ref ms | ratio |"]
-    lines.append("|---|---|---|---|")
-    for r in sc["by_seq"]:
-        lines.append(
-            f"| {r['seq']} | {r['calm_ms']:.1f} | {r['reference_ms']:.1f} | {r['ratio']:.3f} |"
-        )
-    lines += ["", "| connections | CALM ms | ref ms | ratio |", "|---|---|---|---|"]
-    for r in sc["by_connections"]:
-        lines.append(
-            f"| {r['n_connections']} | {r['calm_ms']:.1f} | {r['reference_ms']:.1f} | "
-            f"{r['ratio']:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def headline(report: dict, setups) -> None:
+    """The top-level numbers: mid's, else the last random-model config's, else the first config
+    run (a real one: it has no memory, recompute or aug-cache numbers when it is the pair)."""
+    configs = report["configs"]
+    if not configs:
+        return
+    head = "mid" if "mid" in configs else setups[-1].name if setups else next(iter(configs))
+    c = report["configs"][head]
+    report["headline_config"] = head
+    report["train_step_ratio"] = c["train"]["ratio"]
+    report["generate_ratio"] = c["generate"]["ratio_to_bound"]
+    if "memory" in c:
+        report["peak_memory_ratio"] = c["memory"]["ratio"]
+        report["generate_speedup_vs_recompute"] = c["generate"]["speedup_vs_recompute"]
+        report["aug_cache_speedup"] = c["aug_cache"]["speedup"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,15 +504,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     setups = QUICK if args.quick else GPU if gpu else FULL
-    names = args.configs.split(",") if args.configs else [s.name for s in setups] + [REAL.name]
+    real = [REAL.name, pair.REAL_PAIR.name]  # real checkpoints: full mode only, when converted
+    names = args.configs.split(",") if args.configs else [s.name for s in setups] + real
     if args.configs:
-        unknown = set(names) - {s.name for s in setups} - {REAL.name}
+        unknown = set(names) - {s.name for s in setups} - set(real)
         if unknown:
             parser.error(
                 f"--configs: no config {sorted(unknown)} here; choose from "
-                f"{[s.name for s in setups] + [REAL.name]}."
+                f"{[s.name for s in setups] + real}."
             )
-        setups = tuple(s for s in setups if s.name in names) or setups[-1:]  # scaling needs one
+        setups = tuple(s for s in setups if s.name in names)
     with_peer = peers.available() and not gpu  # calm-pytorch's comparison is CPU-only here
     machine = f"{platform.machine()} {os.cpu_count()} CPUs"
     if gpu:
@@ -503,23 +539,34 @@ def main(argv: list[str] | None = None) -> int:
         report["real_pair_note"] = "skipped: quick mode, or SmolLM2-135M not converted (" + (
             "python tools/hub_offline.py model smollm2-135m)"
         )
-    last = setups[-1]  # the largest config: scaling is measured on it
-    lengths = (16, 32) if args.quick else (128, 256, 512, 1024) if gpu else (32, 64, 128, 256)
-    counts = (1, 2) if args.quick else (1, 2, 4, 8)
-    report["scaling"] = {"config": last.name, **scaling(last, lengths, counts, target)}
+    tokenizer_pair = pair.REAL_PAIR
+    if not args.quick and tokenizer_pair.name in names and pair.available(tokenizer_pair):
+        anchor, aug, tokenizers = pair.load(tokenizer_pair, target)
+        section_ = pair.section(tokenizer_pair, anchor, aug, tokenizers, target)
+        report["configs"][tokenizer_pair.name] = section_
+        del anchor, aug
+        (out / "bench.partial.json").write_text(json.dumps(report, indent=2))
+    else:
+        why = (
+            "quick mode"
+            if args.quick
+            else "not picked"
+            if tokenizer_pair.name not in names
+            else f"not converted ({pair.convert_command(tokenizer_pair)})"
+        )
+        report["tokenizer_pair_note"] = f"{tokenizer_pair.name} skipped: {why}"
+    if setups:
+        last = setups[-1]  # the largest config: scaling is measured on it
+        lengths = (16, 32) if args.quick else (128, 256, 512, 1024) if gpu else (32, 64, 128, 256)
+        counts = (1, 2) if args.quick else (1, 2, 4, 8)
+        report["scaling"] = {"config": last.name, **scaling(last, lengths, counts, target)}
     report["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    head = "mid" if "mid" in report["configs"] else last.name  # the top-level numbers' config
-    c = report["configs"][head]
-    report["headline_config"] = head
-    report["train_step_ratio"] = c["train"]["ratio"]
-    report["peak_memory_ratio"] = c["memory"]["ratio"]
-    report["generate_ratio"] = c["generate"]["ratio_to_bound"]
-    report["generate_speedup_vs_recompute"] = c["generate"]["speedup_vs_recompute"]
-    report["aug_cache_speedup"] = c["aug_cache"]["speedup"]
+    headline(report, setups)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
-    (out / "bench.partial.json").unlink()
+    (out / "bench.partial.json").unlink(missing_ok=True)
     (out / "bench.md").write_text(markdown(report))
-    plot(report["scaling"], out / "scaling.png")
+    if "scaling" in report:
+        plot(report["scaling"], out / "scaling.png")
     print(markdown(report))
     return 0
 

@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as T
+from conftest import tiny_lm
+from test_tokenizers import byte_bpe, unigram
 
 import benchmarks.investigations
-from benchmarks import measure, reference
-from calm import CALM
+from benchmarks import measure, reference, run
+from benchmarks import pair as pair_bench
+from calm import CALM, CALMConfig, TokenizerPair
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = (
@@ -102,3 +106,77 @@ def test_every_investigation_imports_as_a_module_of_the_package():
     for name in names:
         module = importlib.import_module(f"benchmarks.investigations.{name}")
         assert f"python -m benchmarks.investigations.{name}" in module.__doc__
+
+
+def tiny_gemma3(vocab: int):
+    """A random Gemma-3 (4 layers, local and global attention, as the real pair's anchor) with a
+    window longer than the test's texts (the reference runs unmasked causal attention)."""
+    torch.manual_seed(0)
+    config = T.Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return T.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_tokenizer_pair_config_on_tiny_models():
+    """The real-pair config's code path (`benchmarks/pair.py`), on a tiny Gemma-3 anchor and a
+    tiny Qwen2 augmenting model with two different tokenizers: the reference's loss equals
+    CALM's, the report has its keys, and run.py's markdown has the pair's row."""
+    anchor_tok, aug_tok = byte_bpe(), unigram()
+    tokenizers = TokenizerPair(anchor_tok, aug_tok)
+    anchor = tiny_gemma3(len(anchor_tok))
+    aug = tiny_lm("qwen2", 24, 8, seed=1, vocab=len(aug_tok))
+    setup = pair_bench.PairSetup("tiny-pair", "a", "b", seq=40, new_tokens=4, reps=1, gen_reps=1)
+    out = pair_bench.section(setup, anchor, aug, tokenizers, run.CPU)
+    train, gen = out["train"], out["generate"]
+    assert out["kind"] == "tokenizer pair"
+    assert train["loss_abs_diff_vs_reference"] < 1e-5
+    assert train["connections"] == 2 and train["anchor_tokens"] == 40
+    assert train["aug_tokens"] != train["anchor_tokens"]  # two tokenizers, two lengths
+    for key in ("ratio", "ratio_default_config", "calm_ms", "reference_ms", "alignment_ms"):
+        assert train[key] > 0
+    for key in ("ratio_to_bound", "alternated_to_bound", "ratio_to_alternated", "tps_bound"):
+        assert gen[key] > 0
+    assert gen["aug_calls"] >= 1 and gen["text_sync_ms_per_token"] > 0
+    assert gen["text"].startswith(pair_bench.PROMPT)
+    report = {
+        "mode": "full",
+        "machine": "m",
+        "device": "cpu",
+        "dtype": "float32",
+        "torch": torch.__version__,
+        "threads": 1,
+        "load_at_start": [0.0],
+        "load_at_end": [0.0],
+        "peer_note": "",
+        "configs": {setup.name: out},
+    }
+    run.headline(report, ())
+    assert report["headline_config"] == setup.name
+    assert report["train_step_ratio"] == train["ratio"]
+    text = run.markdown(report)
+    assert "## Different tokenizers" in text and "| tiny-pair |" in text
+    assert "## Scaling" not in text
+
+
+def test_reference_with_a_visible_mask_equals_the_shared_stream_rule(pair):
+    """With one tokenizer, seeing the first t + 1 augmenting tokens at anchor token t is the
+    causal rule: the reference's loss is the same with the mask and without it."""
+    anchor, aug = pair
+    model = CALM(anchor, aug, CALMConfig(norm=False, init="default"))
+    ref = reference.ReferenceStep(anchor, aug, model.connections, reference.blocks_like(model))
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    visible = torch.arange(1, 13).expand(2, 12)
+    torch.testing.assert_close(ref.loss(ids), ref.loss(ids, ids, visible))
