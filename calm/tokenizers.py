@@ -61,7 +61,7 @@ class _Side:
         backend = tokenizer if isinstance(tokenizer, tk.Tokenizer) else None
         backend = backend or getattr(tokenizer, "backend_tokenizer", None)
         if not isinstance(backend, tk.Tokenizer):
-            raise TypeError(
+            raise UserError(
                 f"The {role} tokenizer ({type(tokenizer).__name__}) cannot report character "
                 "offsets; pass a fast tokenizer (AutoTokenizer.from_pretrained(...) with a "
                 "tokenizer.json) or a tokenizers.Tokenizer."

@@ -22,6 +22,7 @@ from tokenizers import (
 )
 
 from calm import CALM, CALMConfig
+from calm.errors import UserError
 from calm.tokenizers import TokenizerPair, cut_points
 
 SAMPLES = {
@@ -355,9 +356,9 @@ class SlowChars(T.PreTrainedTokenizer):
 
 
 def test_bad_input(toks):
-    with pytest.raises(TypeError, match="offsets"):
+    with pytest.raises(UserError, match="offsets"):
         TokenizerPair(SlowChars(), toks["bpe"])
-    with pytest.raises(TypeError, match="offsets"):
+    with pytest.raises(UserError, match="offsets"):
         TokenizerPair(toks["bpe"], SlowChars())
     joined = Tokenizer(models.WordLevel({"a b": 0, "a": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
     joined.pre_tokenizer = pre_tokenizers.Split("\n", "isolated")
@@ -629,8 +630,6 @@ def test_stop_strings_stop_a_trained_composition(toks):
 
 
 def test_stop_strings_without_a_tokenizer_are_refused(pair):
-    from calm.errors import UserError
-
     model = CALM(*pair)
     with pytest.raises(UserError, match="tokenizer"):
         model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, stop_strings="x")
