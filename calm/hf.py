@@ -186,16 +186,23 @@ def model_identity(model: PreTrainedModel, weights: bool = True) -> dict[str, st
     }
     if not weights:
         return identity
+    return identity | {"weights_fingerprint": weights_fingerprint(model)}
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a fixed sample of every parameter (64 evenly spaced values, rounded to
+    bfloat16, with its name): tells apart two states of one architecture, the same weights
+    in float32 or bfloat16 alike."""
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
             flat = p.detach().reshape(-1)
             k = min(64, flat.numel())
             idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
             sample = flat[idx].to(torch.bfloat16).float().cpu()
             h.update(name.encode())
             h.update(sample.numpy().tobytes())
-    return identity | {"weights_fingerprint": h.hexdigest()[:16]}
+    return h.hexdigest()[:16]
 
 
 def tiny_llama(

@@ -342,3 +342,53 @@ def test_a_composition_gets_the_tasks_stop_strings_as_a_hugging_face_model_does(
     composed.generate = spy
     evaluate(composed, EchoTask(), tokenizer=tok, progress=False)
     assert seen["stop_strings"] == ["\n"] and seen["tokenizer"] is tok
+
+
+class _Killed(Exception):
+    pass
+
+
+def _counting(model, fail_at: int | None = None) -> list:
+    """Count `model.generate`'s calls (raise `_Killed` at call `fail_at`)."""
+    calls, generate = [], type(model).generate.__get__(model)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise _Killed
+        return generate(*args, **kwargs)
+
+    model.generate = counted
+    return calls
+
+
+def test_a_journal_resumes_an_interrupted_generation_and_only_with_the_same_key(tmp_path):
+    tok = ByteTokenizer()
+    model, other = tiny_llama(3), tiny_llama(4)
+    settings = dict(tokenizer=tok, batch_size=1, num_samples=2, seed=5, progress=False)
+    whole = evaluate(model, EchoTask(), **settings)  # 3 examples x 2 samples: 6 batches
+    journal = tmp_path / "echo.partial.jsonl"
+
+    def killed_after_3_batches():
+        _counting(model, fail_at=4)
+        with pytest.raises(_Killed):
+            evaluate(model, EchoTask(), journal=journal, **settings)
+
+    killed_after_3_batches()
+    assert len(journal.read_text().splitlines()) == 1 + 3  # the key, then 3 batches
+    with open(journal, "a") as f:
+        f.write('{"batch": 3, "complet')  # a line cut short by the kill: ignored
+    calls = _counting(model)
+    resumed = evaluate(model, EchoTask(), journal=journal, **settings)
+    assert len(calls) == 3  # only the batches not in the journal
+    assert resumed.samples == whole.samples and resumed.metrics == whole.metrics
+    assert not journal.exists()  # removed once the evaluation ended
+
+    killed_after_3_batches()  # then other weights: the journal is started afresh
+    calls = _counting(other)
+    evaluate(other, EchoTask(), journal=journal, **settings)
+    assert len(calls) == 6
+    killed_after_3_batches()  # then other decoding (the seed): started afresh
+    calls = _counting(model)
+    evaluate(model, EchoTask(), journal=journal, **settings | {"seed": 6})
+    assert len(calls) == 6

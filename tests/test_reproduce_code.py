@@ -15,7 +15,7 @@ import calm
 from calm.errors import UserError
 from calm.recipes.code import models as code_models
 from calm.recipes.code.data import dc_pieces, source_root
-from calm.recipes.code.evaluation import METRICS, TaskData
+from calm.recipes.code.evaluation import METRICS, TASKS, TaskData
 from calm.recipes.code.models import Models
 from calm.recipes.code.reproduce import ROWS, CodeConfig, run_code, run_lr_probe
 from calm.recipes.pretrained import lora_model, lora_rank
@@ -200,7 +200,7 @@ def test_a_row_stopped_while_scoring_resumes_at_the_next_task(models, data, tmp_
     evaluate, calls = calm.evaluate, []
 
     def stop_at_the_third_task(*args, **kwargs):
-        calls.append(1)
+        calls.append(kwargs["journal"])  # where a task interrupted midway keeps its batches
         if len(calls) == 3:
             raise KeyboardInterrupt("stopped")
         return evaluate(*args, **kwargs)
@@ -211,6 +211,7 @@ def test_a_row_stopped_while_scoring_resumes_at_the_next_task(models, data, tmp_
     monkeypatch.undo()
     row = tmp_path / "rows" / "calm"
     assert sorted(p.stem for p in (row / "eval").glob("*.json")) == ["humaneval", "mbpp-like"]
+    assert calls == [row / "eval" / f"{t}.partial.jsonl" for t in TASKS[:3]]
     results, trained, evaluated = _run(cfg, models, data, monkeypatch)
     assert evaluated == 3 and trained == 1  # the loop resumed at its last step: nothing to train
     assert len((row / "train" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -10,6 +10,7 @@ row, each also as a train-only function for `--lr-probe`:
 
 `score_tasks` scores a row task by task, each task's result kept in the row's
 eval/<task>.json as soon as it is scored (so an interrupted row resumes at the next task), and
+resumes a task interrupted midway at its next generated batch (`calm.evaluate`'s journal), and
 gathers the metrics, the per-example values of the paired table and samples.jsonl.
 """
 
@@ -117,12 +118,14 @@ def evaluated(model: Any, tokenizer: Any, task: Task, **settings: Any) -> dict:
 def score_tasks(
     tasks: dict[str, Task],
     directory: Path,
-    compute: Callable[[str, Task], dict],
+    compute: Callable[[str, Task, Path], dict],
     row_values: Callable[[str, dict, list[dict]], tuple[dict, dict]],
 ) -> dict:
-    """Score a row on `tasks`: each task's result (`compute(name, task)`, the shape of
+    """Score a row on `tasks`: each task's result (`compute(name, task, journal)`, the shape of
     `evaluated`) read from directory/eval/<task>.json (':' as '_') or computed and written
-    there; `row_values(name, metrics, samples)` names its metrics and per-example values.
+    there; `journal` (directory/eval/<task>.partial.jsonl) is where `calm.evaluate` keeps the
+    batches it has generated, so that a task interrupted midway resumes at its next batch.
+    `row_values(name, metrics, samples)` names its metrics and per-example values.
     Returns {"metrics", "per_example", "examples": {task: n}, "eval_seconds"}; writes
     directory/samples.jsonl, one line a sample."""
     metrics, per_example, examples, seconds, lines = {}, {}, {}, {}, []
@@ -131,7 +134,7 @@ def score_tasks(
         if cached.is_file():
             result = json.loads(cached.read_text())
         else:
-            result = compute(name, task)
+            result = compute(name, task, cached.with_suffix(".partial.jsonl"))
             cached.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cached, json.dumps(result, ensure_ascii=False))
         m, values = row_values(name, result["metrics"], result["samples"])

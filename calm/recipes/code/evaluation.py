@@ -95,7 +95,7 @@ def score_row(
 ) -> dict:
     """Score `model` (decoding with `tokenizer`) on every task (`score_tasks`'s result)."""
 
-    def compute(name: str, task: Task) -> dict:
+    def compute(name: str, task: Task, journal: Path) -> dict:
         tokens = max_new_tokens if name in GENERATED else None
         return evaluated(
             model,
@@ -106,6 +106,7 @@ def score_row(
             max_new_tokens=tokens,
             seed=seed,
             progress=progress,
+            journal=journal,
         )
 
     return score_tasks(tasks, directory, compute, row_values)

@@ -113,7 +113,7 @@ def score_row(
     """Score `model` (decoding with `tokenizer`), or the floor `floor` (translation tasks only),
     on every task (`score_tasks`'s result)."""
 
-    def compute(name: str, task: Task) -> dict:
+    def compute(name: str, task: Task, journal: Path) -> dict:
         kind = name.partition(":")[0]
         if floor is not None:
             return _floor(task, floor, limits[kind], seed)
@@ -127,6 +127,7 @@ def score_row(
             batch_size=batch_size,
             seed=seed,
             progress=progress,
+            journal=journal,
         )
 
     if floor is not None:
