@@ -167,8 +167,8 @@ def train(s: PairSetup, anchor, aug, pair: TokenizerPair, text: str, target) -> 
     }
 
 
-class _SyncTimer:
-    """Seconds spent in `TextStream.append` (decode, re-tokenize, commit) while active."""
+class StreamTimer:
+    """Total seconds spent in TextStream.append (decode, re-tokenize, commit) while active."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -210,7 +210,7 @@ def generation(s: PairSetup, anchor, aug, pair: TokenizerPair, prompt: str, targ
     )
     calls: list[int] = []  # the augmenting model's forward calls in one generate
     handle = hf.backbone(aug).register_forward_pre_hook(lambda *_: calls.append(1))
-    with _SyncTimer() as timer:
+    with StreamTimer() as timer:
         start = time.perf_counter()
         out = model.generate(**batch, **kw)
         call_s = time.perf_counter() - start

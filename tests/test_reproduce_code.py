@@ -9,6 +9,7 @@ import sysconfig
 
 import pytest
 from conftest import tiny_lm
+from recipe_helpers import Counting, run_counting, tiny_bible
 from test_tokenizers import byte_bpe, unigram
 
 import calm
@@ -21,10 +22,6 @@ from calm.recipes.code.reproduce import ROWS, CodeConfig, run_code, run_lr_probe
 from calm.recipes.pretrained import lora_model, lora_rank
 from calm.tasks.bpb import make_code, python_files
 from calm.tasks.code_to_text import _split_of, iter_pairs
-
-BSB_HEADER = (
-    "id\tsource_verse\ttext\tskip_space_after\texclude\tid_range_end\tsource_verse_range_end\n"
-)
 
 
 def _python_tree(root):
@@ -73,17 +70,6 @@ def _mbpp(path):
     return path
 
 
-def _bible(root):
-    (root / "english").mkdir()
-    rows = [BSB_HEADER]
-    for c in range(1, 121):
-        for v in (1, 2):
-            words = ["These", "are", "the", "words", "of", f"chapter{c}", f"verse{v}."]
-            rows += [f"01{c:03d}{v:03d}{w + 1:03d}\tx\t{t}\t\t\t\t\n" for w, t in enumerate(words)]
-    (root / "english" / "ot_BSB.tsv").write_text("".join(rows))
-    return root
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("code-data")
@@ -93,7 +79,7 @@ def data(tmp_path_factory):
         humaneval=str(_humaneval(root / "humaneval.jsonl")),
         mbpp_like=str(_mbpp(root / "codeio-hq.jsonl.gz")),
         python_root=str(_python_tree(root / "python")),
-        bible=str(_bible(root / "bible")),
+        bible=str(tiny_bible(root / "bible")),
     )
 
 
@@ -119,27 +105,8 @@ def _config(out, **overrides):
     return CodeConfig(out_dir=str(out), limits=limits, **tiny | overrides)
 
 
-class _Counting:
-    """Wraps a calm function, counting its calls (or refusing them)."""
-
-    def __init__(self, fn, refuse=False):
-        self.fn, self.refuse, self.calls = fn, refuse, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.refuse:
-            raise AssertionError("a finished row was computed again")
-        return self.fn(*args, **kwargs)
-
-
 def _run(cfg, models, data, monkeypatch, refuse=False):
-    train = _Counting(calm.train, refuse)
-    evaluate = _Counting(calm.evaluate, refuse)
-    monkeypatch.setattr(calm, "train", train)
-    monkeypatch.setattr(calm, "evaluate", evaluate)
-    results = run_code(cfg, load=lambda _: models, data=data, log=lambda _: None)
-    monkeypatch.undo()
-    return results, train.calls, evaluate.calls
+    return run_counting(run_code, cfg, models, data, monkeypatch, refuse)
 
 
 def test_every_row_writes_the_results_contract_and_a_rerun_computes_nothing(
@@ -292,9 +259,9 @@ def test_command_line_builds_the_config_and_refuses_the_other_experiments_flags(
 
 def test_lr_probe_trains_without_scoring(models, data, tmp_path, monkeypatch):
     cfg = _config(tmp_path, rows=("lora",))
-    train = _Counting(calm.train)
+    train = Counting(calm.train)
     monkeypatch.setattr(calm, "train", train)
-    monkeypatch.setattr(calm, "evaluate", _Counting(calm.evaluate, refuse=True))
+    monkeypatch.setattr(calm, "evaluate", Counting(calm.evaluate, refuse=True))
     report = run_lr_probe(cfg, (1e-4, 1e-2), load=lambda _: models, data=data, log=lambda _: None)
     assert train.calls == 2 and list(report) == ["lora"]
     runs = report["lora"]["learning_rates"]
@@ -303,5 +270,9 @@ def test_lr_probe_trains_without_scoring(models, data, tmp_path, monkeypatch):
     cfg = _config(tmp_path, rows=("finetune",))
     both = run_lr_probe(cfg, (1e-4,), load=lambda _: models, data=data, log=lambda _: None)
     assert list(both) == ["lora", "finetune"] and both["lora"] == report["lora"]  # kept
+    monkeypatch.undo()
+    cfg = _config(tmp_path, rows=("mB",))
+    results = run_code(cfg, load=lambda _: models, data=data, log=lambda _: None)
+    assert results["lr_probe"] == json.loads(json.dumps(both))  # the rates' evidence, beside
     with pytest.raises(UserError, match="Unknown rows"):
         run_lr_probe(_config(tmp_path, rows=("calm_paper",)), (1e-3,), load=lambda _: models)

@@ -8,6 +8,7 @@ import json
 
 import pytest
 from conftest import tiny_lm
+from recipe_helpers import Counting, run_counting, tiny_bible
 from test_tokenizers import byte_bpe
 
 import calm
@@ -20,9 +21,6 @@ from calm.recipes.lrl.models import Models
 from calm.recipes.lrl.reproduce import ROWS, LrlConfig, run_lr_probe, run_lrl
 from calm.tasks.translation import load_pairs, monolingual
 
-BSB_HEADER = (
-    "id\tsource_verse\ttext\tskip_space_after\texclude\tid_range_end\tsource_verse_range_end\n"
-)
 LANGS = ("bn-en", "ur-en")
 TRAINED = ("calm_paper", "calm_parallel", "lora_paper", "lora_parallel", "finetune")
 TRAINED += ("vanilla_mA", "random_mA")
@@ -49,21 +47,10 @@ def _quran(root, surahs=40, verses=20):
     return root
 
 
-def _bible(root):
-    (root / "english").mkdir(parents=True)
-    rows = [BSB_HEADER]
-    for c in range(1, 121):
-        for v in (1, 2):
-            words = ["These", "are", "the", "words", "of", f"chapter{c}", f"verse{v}."]
-            rows += [f"01{c:03d}{v:03d}{w + 1:03d}\tx\t{t}\t\t\t\t\n" for w, t in enumerate(words)]
-    (root / "english" / "ot_BSB.tsv").write_text("".join(rows))
-    return root
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("lrl-data")
-    return LrlData(quran=str(_quran(root / "quran")), bible=str(_bible(root / "bible")))
+    return LrlData(quran=str(_quran(root / "quran")), bible=str(tiny_bible(root / "bible")))
 
 
 @pytest.fixture(scope="module")
@@ -87,27 +74,8 @@ def _config(out, **overrides):
     return LrlConfig(out_dir=str(out), limits=limits, **tiny | overrides)
 
 
-class _Counting:
-    """Wraps a calm function, counting its calls (or refusing them)."""
-
-    def __init__(self, fn, refuse=False):
-        self.fn, self.refuse, self.calls = fn, refuse, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.refuse:
-            raise AssertionError("a finished row was computed again")
-        return self.fn(*args, **kwargs)
-
-
 def _run(cfg, models, data, monkeypatch, refuse=False):
-    train = _Counting(calm.train, refuse)
-    evaluate = _Counting(calm.evaluate, refuse)
-    monkeypatch.setattr(calm, "train", train)
-    monkeypatch.setattr(calm, "evaluate", evaluate)
-    results = run_lrl(cfg, load=lambda _: models, data=data, log=lambda _: None)
-    monkeypatch.undo()
-    return results, train.calls, evaluate.calls
+    return run_counting(run_lrl, cfg, models, data, monkeypatch, refuse)
 
 
 def test_every_row_writes_the_results_contract_and_a_rerun_computes_nothing(
@@ -309,13 +277,13 @@ def test_command_line_builds_the_config_and_refuses_the_other_experiments_flags(
 
 def test_lr_probe_trains_each_row_at_each_rate_without_scoring(models, data, tmp_path, monkeypatch):
     cfg = _config(tmp_path, rows=("calm_paper", "finetune"), steps=3)
-    train = _Counting(calm.train)
+    train = Counting(calm.train)
     monkeypatch.setattr(calm, "train", train)
 
     def probe(rates):
         return run_lr_probe(cfg, rates, load=lambda _: models, data=data, log=lambda _: None)
 
-    score = _Counting(lrl_reproduce.score_row)
+    score = Counting(lrl_reproduce.score_row)
     monkeypatch.setattr(lrl_reproduce, "score_row", score)
     report = probe((1e-4, 3e-2))
     assert train.calls == 1 + 4  # mA's build (calm_paper needs it), then 2 rows x 2 rates

@@ -25,8 +25,9 @@ import torch
 import transformers as T
 from transformers import AutoTokenizer
 
+from benchmarks.pair import StreamTimer
 from calm import CALM, CALMConfig, hf
-from calm.tokenizers import TextStream, TokenizerPair
+from calm.tokenizers import TokenizerPair
 from tools.hub_offline import model_dir
 
 
@@ -49,30 +50,6 @@ def timed(fns, repeats: int) -> list[float]:
             fn()
             ts.append(time.perf_counter() - start)
     return [statistics.median(ts) for ts in times]
-
-
-class StreamTimer:
-    """Total seconds spent in TextStream.append (decode, re-tokenize, commit) while active."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._append = TextStream.append
-
-    def __enter__(self):
-        timer = self
-
-        def append(stream, *args):
-            start = time.perf_counter()
-            try:
-                return timer._append(stream, *args)
-            finally:
-                timer.seconds += time.perf_counter() - start
-
-        TextStream.append = append
-        return self
-
-    def __exit__(self, *exc) -> None:
-        TextStream.append = self._append
 
 
 def text_sync(pair: TokenizerPair, anchor_tokenizer, source: str, rows: int = 4) -> None:

@@ -142,82 +142,57 @@ def _refuse_other(args: argparse.Namespace, other: dict, experiment: str) -> Non
 def run(args: argparse.Namespace) -> int:
     if args.experiment == "code":
         _refuse_other(args, KV_ONLY | LRL_ONLY, "calm reproduce code")
-        return _run_code(args)
+        return _run_real(args)
     if args.experiment == "lrl":
         _refuse_other(args, KV_ONLY, "calm reproduce lrl")
-        return _run_lrl(args)
+        return _run_real(args)
     _refuse_other(args, CODE_ONLY | LRL_ONLY, "calm reproduce kv")
     return _run_kv(args)
 
 
-def _run_code(args: argparse.Namespace) -> int:
-    from calm.recipes.code.reproduce import ROWS, CodeConfig, run_code, run_lr_probe
+def _run_real(args: argparse.Namespace) -> int:
+    """`calm reproduce code|lrl`: the recipe's config from the flags, then its rows (or, with
+    --lr-probe, its learning-rate probe)."""
     from calm.recipes.runner import parse_learning_rates, parse_rows
 
-    make = CodeConfig.quick if args.quick else CodeConfig
+    if args.experiment == "code":
+        from calm.recipes.code import reproduce as recipe
+
+        make, more = recipe.CodeConfig, {}
+    else:
+        from calm.recipes.lrl import reproduce as recipe
+
+        make = recipe.LrlConfig
+        more = {"languages": recipe.parse_languages(args.lang), "ma_steps": args.ma_steps}
+    make = make.quick if args.quick else make
     flags = {
         "steps": args.steps,
         "limits": {t: None for t in make().limits} if args.full_eval else None,
         "lr_calm": args.lr_calm,
         "lr_lora": args.lr_lora,
         "lr_finetune": args.lr_finetune,
+        **more,
     }
     cfg = make(
-        out_dir=args.out or "runs/code",
+        out_dir=args.out or f"runs/{args.experiment}",
         seed=args.seed,
-        rows=parse_rows(args.rows, ROWS),
+        rows=parse_rows(args.rows, recipe.ROWS),
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,
         **{k: v for k, v in flags.items() if v is not None},
     )
     if args.lr_probe is not None:
-        return _report_probe(run_lr_probe(cfg, parse_learning_rates(args.lr_probe)), cfg.out_dir)
-    results = run_code(cfg)
+        report = recipe.run_lr_probe(cfg, parse_learning_rates(args.lr_probe))
+        for row, entry in report.items():
+            print(f"{row}: lowest training loss at lr {entry['best_lr']:g}")
+        print(f"wrote {Path(cfg.out_dir) / 'lr_probe' / 'lr_probe.md'}")
+        return 0
+    results = getattr(recipe, f"run_{args.experiment}")(cfg)
     print(
         f"wrote {Path(cfg.out_dir) / 'results.json'} ({len(results['rows'])} rows; "
         f"{results['seconds_this_invocation']:.0f} s this invocation)"
     )
-    return 0
-
-
-def _run_lrl(args: argparse.Namespace) -> int:
-    from calm.recipes.lrl.reproduce import ROWS, LrlConfig, parse_languages, run_lr_probe, run_lrl
-    from calm.recipes.runner import parse_learning_rates, parse_rows
-
-    make = LrlConfig.quick if args.quick else LrlConfig
-    flags = {
-        "steps": args.steps,
-        "limits": {t: None for t in make().limits} if args.full_eval else None,
-        "lr_calm": args.lr_calm,
-        "lr_lora": args.lr_lora,
-        "lr_finetune": args.lr_finetune,
-        "ma_steps": args.ma_steps,
-    }
-    cfg = make(
-        out_dir=args.out or "runs/lrl",
-        languages=parse_languages(args.lang),
-        seed=args.seed,
-        rows=parse_rows(args.rows, ROWS),
-        device=args.device,
-        dtype=args.dtype,
-        threads=args.threads,
-        **{k: v for k, v in flags.items() if v is not None},
-    )
-    if args.lr_probe is not None:
-        return _report_probe(run_lr_probe(cfg, parse_learning_rates(args.lr_probe)), cfg.out_dir)
-    results = run_lrl(cfg)
-    print(
-        f"wrote {Path(cfg.out_dir) / 'results.json'} ({len(results['rows'])} rows; "
-        f"{results['seconds_this_invocation']:.0f} s this invocation)"
-    )
-    return 0
-
-
-def _report_probe(report: dict, out_dir: str) -> int:
-    for row, entry in report.items():
-        print(f"{row}: lowest training loss at lr {entry['best_lr']:g}")
-    print(f"wrote {Path(out_dir) / 'lr_probe' / 'lr_probe.md'}")
     return 0
 
 

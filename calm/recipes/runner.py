@@ -391,9 +391,17 @@ def parse_rows(text: str | None, choices: tuple[str, ...]) -> tuple[str, ...] | 
     return names
 
 
-def write_results(out: Path, results: dict, markdown, plot) -> None:
+def write_results(out: Path, results: dict, markdown, plot, started: float | None = None) -> None:
     """A recipe's results in `out`: results.json (atomically), results.md (`markdown(results)`)
-    and results.png (`plot(results, path)`)."""
+    and results.png (`plot(results, path)`). Adds "samples" (each row's samples.jsonl),
+    "lr_probe" (OUT/lr_probe/lr_probe.json, when a probe ran there) and, given the invocation's
+    start time, "seconds_this_invocation"."""
+    results["samples"] = {r: f"rows/{r}/samples.jsonl" for r in results["rows"]}
+    probe = _read(Path(out) / "lr_probe" / "lr_probe.json")
+    if probe is not None:
+        results["lr_probe"] = probe
+    if started is not None:
+        results["seconds_this_invocation"] = round(time.time() - started, 1)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "results.png")

@@ -394,9 +394,7 @@ def run_lrl(
         lora["parameters"] = results["rows"]["lora_paper"]["parameters"]
         results["lora"] = lora
     results["paper"] = PAPER
-    results["samples"] = {r: f"rows/{r}/samples.jsonl" for r in results["rows"]}
-    results["seconds_this_invocation"] = round(time.time() - started, 1)
-    write_results(out, results, results_markdown, plot)
+    write_results(out, results, results_markdown, plot, started)
     return results
 
 
