@@ -120,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     lrl = parser.add_argument_group("lrl only")
     lrl.add_argument(
-        "--ma-steps", type=int, default=None, help="Optimizer steps of mA's build (default 120)."
+        "--ma-steps", type=int, default=None, help="Optimizer steps of mA's build (default 200)."
     )
     lrl.add_argument(
         "--lang",

@@ -82,7 +82,7 @@ class LrlConfig:
     lr_calm: float = 3e-4  # the composition blocks (calm_*, vanilla_mA, random_mA)
     lr_lora: float = 3e-4  # the LoRA adapters
     lr_finetune: float = 2e-5  # every weight of mB
-    ma_steps: int = 120  # mA's build: optimizer steps over its corpus (960 records, ~16%)
+    ma_steps: int = 200  # mA's build: optimizer steps over its corpus (1,600 records, ~26%)
     ma_max_length: int = 512  # mA tokens per record (SmolLM2 spends 1.8 tokens a Bengali char)
     ma_warmup_steps: int = 10
     lr_ma: float = 3e-4  # every weight of SmolLM2 while mA is built
