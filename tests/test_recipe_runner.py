@@ -263,7 +263,7 @@ def test_runner_paired_table(tmp_path):
 
 
 def test_loss_curve_keeps_a_resumed_steps_last_loss_and_probes_need_trained_rows(tmp_path):
-    from calm.recipes.runner import loss_curve, parse_learning_rates, probe_rows
+    from calm.recipes.lr_probe import loss_curve, parse_learning_rates, probe_rows
 
     lines = [
         {"step": 1, "loss": 3.0},

@@ -153,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_real(args: argparse.Namespace) -> int:
     """`calm reproduce code|lrl`: the recipe's config from the flags, then its rows (or, with
     --lr-probe, its learning-rate probe)."""
-    from calm.recipes.runner import parse_learning_rates, parse_rows
+    from calm.recipes.lr_probe import parse_learning_rates
+    from calm.recipes.runner import parse_rows
 
     if args.experiment == "code":
         from calm.recipes.code import reproduce as recipe

@@ -25,8 +25,9 @@ import torch
 
 import calm
 from calm.checkpoint import atomic_write_text
+from calm.recipes.lr_probe import trained_only
 from calm.recipes.pretrained import full_copy, lora_model
-from calm.recipes.runner import RowContext, trained_only
+from calm.recipes.runner import RowContext
 from calm.tasks.registry import Task
 
 RowFunction = Callable[[RowContext], dict]

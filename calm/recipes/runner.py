@@ -162,7 +162,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _read(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object, or None when there is no such file."""
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -243,7 +244,7 @@ class Runner:
 
     def record(self, name: str) -> dict | None:
         """The stored result of row `name` if it finished with its current config, else None."""
-        record = _read(self.directory(name) / RESULT_NAME)
+        record = read_json(self.directory(name) / RESULT_NAME)
         return record if record is not None and record["key"] == self.keys[name] else None
 
     def run(self, rows: Iterable[str] | None = None) -> dict[str, dict]:
@@ -269,11 +270,11 @@ class Runner:
     def _row(self, row: Row) -> dict:
         """The row's current result: read back, or computed (resuming its unfinished segments)."""
         directory, key = self.directory(row.name), self.keys[row.name]
-        old = _read(directory / RESULT_NAME)
+        old = read_json(directory / RESULT_NAME)
         if old is not None and old["key"] == key:
             self.log(f"row {row.name}: finished earlier ({old['seconds']:.0f} s), read back")
             return old
-        progress = _read(directory / PROGRESS_NAME)
+        progress = read_json(directory / PROGRESS_NAME)
         if old is not None:
             stale = self.out / "stale" / row.name / f"{old['key']}.json"
             stale.parent.mkdir(parents=True, exist_ok=True)
@@ -397,7 +398,7 @@ def write_results(out: Path, results: dict, markdown, plot, started: float | Non
     "lr_probe" (OUT/lr_probe/lr_probe.json, when a probe ran there) and, given the invocation's
     start time, "seconds_this_invocation"."""
     results["samples"] = {r: f"rows/{r}/samples.jsonl" for r in results["rows"]}
-    probe = _read(Path(out) / "lr_probe" / "lr_probe.json")
+    probe = read_json(Path(out) / "lr_probe" / "lr_probe.json")
     if probe is not None:
         results["lr_probe"] = probe
     if started is not None:
@@ -405,126 +406,3 @@ def write_results(out: Path, results: dict, markdown, plot, started: float | Non
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "results.png")
-
-
-# ---------------------------------------------------------------- learning-rate probes
-
-PROBE_WINDOW = 10  # steps averaged at each end of a probe's loss curve
-
-
-def loss_curve(train_dir: Path) -> list[float]:
-    """The training loss of each step in a `calm.train` run directory's metrics.jsonl (the
-    last line logged for a step wins: a resumed run logs the steps after its checkpoint again)."""
-    losses: dict[int, float] = {}
-    path = Path(train_dir) / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else ():
-        entry = json.loads(line)
-        if "loss" in entry and "step" in entry:
-            losses[int(entry["step"])] = float(entry["loss"])
-    return [losses[step] for step in sorted(losses)]
-
-
-def trained_only(ctx: RowContext, trained: dict) -> dict:
-    """A probe row's result: the mean training loss over the first and the last `PROBE_WINDOW`
-    steps (each batch's loss before its update: on records the model has not trained on while
-    every record is drawn once), and the last step's."""
-    curve = loss_curve(ctx.train_dir)
-    if not curve:
-        raise RuntimeError(f"{ctx.train_dir} holds no training loss.")
-    window = min(PROBE_WINDOW, len(curve))
-    metrics = {
-        "loss_first": sum(curve[:window]) / window,
-        "loss_last": sum(curve[-window:]) / window,
-        "loss_final": curve[-1],
-    }
-    return {"metrics": metrics, "train": trained, "loss": curve}
-
-
-def probe_rows(rows: Iterable[Row], learning_rates: Iterable[float]) -> list[Row]:
-    """For each row, one row per learning rate that only trains it: named `<row>-lr<lr>`, keyed
-    by the row's config with its "lr" replaced. A row that does not train is refused."""
-    probes = []
-    for row in rows:
-        if row.train_only is None:
-            raise UserError(
-                f"Row {row.name} does not train; a learning-rate probe needs rows that do."
-            )
-        for lr in learning_rates:
-            config = {**row.config, "lr": lr, "probe": "training loss only"}
-            probes.append(Row(f"{row.name}-lr{lr:g}", config, row.train_only(lr)))
-    return probes
-
-
-def run_probe(
-    out_dir: str | os.PathLike,
-    rows: Iterable[Row],
-    names: Iterable[str],
-    learning_rates: Iterable[float],
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """Train the rows named (each must train) at each learning rate, without scoring, in
-    OUT/lr_probe (a runner of `probe_rows`: finished probes are read back, an interrupted one
-    resumes); write lr_probe.json and lr_probe.md there (keeping the entries of rows probed
-    by earlier invocations) and return that report (`probe_report`'s shape)."""
-    names, rates = list(names), list(learning_rates)
-    known = {row.name: row for row in rows}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise UserError(f"Unknown rows {', '.join(unknown)}; choose from {', '.join(known)}.")
-    out = Path(out_dir) / "lr_probe"
-    runner = Runner(out, probe_rows([known[n] for n in names], rates), log=log)
-    runner.run()
-    report = probe_report(runner.results(), names, rates)
-    report = {**(_read(out / "lr_probe.json") or {}), **report}  # rows probed earlier stay
-    atomic_write_text(out / "lr_probe.json", json.dumps(report, indent=2) + "\n")
-    (out / "lr_probe.md").write_text(probe_markdown(report))
-    return report
-
-
-def parse_learning_rates(text: str) -> tuple[float, ...]:
-    """`--lr-probe 3e-4,1e-3` as a tuple of positive floats."""
-    try:
-        rates = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"--lr-probe takes comma-separated learning rates, got {text!r}.") from None
-    if not rates or min(rates) <= 0:
-        raise UserError(f"--lr-probe takes positive learning rates, got {text!r}.")
-    return rates
-
-
-def probe_report(results: dict, rows: Iterable[str], learning_rates: Iterable[float]) -> dict:
-    """Per probed row, each learning rate's losses and the one with the lowest `loss_last`."""
-    report = {}
-    for name in rows:
-        runs = {
-            lr: results["rows"][f"{name}-lr{lr:g}"]
-            for lr in learning_rates
-            if f"{name}-lr{lr:g}" in results["rows"]
-        }
-        if runs:
-            best = min(runs, key=lambda lr: runs[lr]["metrics"]["loss_last"])
-            per_lr = {
-                f"{lr:g}": {**r["metrics"], "seconds": r["seconds"]} for lr, r in runs.items()
-            }
-            report[name] = {"best_lr": best, "learning_rates": per_lr}
-    return report
-
-
-def probe_markdown(report: dict) -> str:
-    lines = [
-        "# Learning-rate probe",
-        "",
-        f"Mean training loss over the first and the last {PROBE_WINDOW} steps (each batch before "
-        "its update), and the last step's; the lowest last-window loss is marked.",
-        "",
-        "| row | lr | loss first | loss last | loss final | seconds |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, entry in report.items():
-        for lr, m in entry["learning_rates"].items():
-            mark = " **best**" if float(lr) == entry["best_lr"] else ""
-            lines.append(
-                f"| {name} | {lr}{mark} | {m['loss_first']:.4f} | {m['loss_last']:.4f} | "
-                f"{m['loss_final']:.4f} | {m['seconds']:.0f} |"
-            )
-    return "\n".join(lines) + "\n"

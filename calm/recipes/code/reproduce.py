@@ -35,8 +35,9 @@ from calm.recipes.code.evaluation import TASKS, TaskData, score_row
 from calm.recipes.code.models import Models, load_models
 from calm.recipes.code.report import PAPER, plot, results_markdown
 from calm.recipes.experiment import TrainedRows
+from calm.recipes.lr_probe import run_probe
 from calm.recipes.pretrained import DTYPES, lora_rank, random_like
-from calm.recipes.runner import Row, RowContext, Runner, run_probe, write_results
+from calm.recipes.runner import Row, RowContext, Runner, write_results
 
 ROWS = ("mA", "mB", "calm", "lora", "finetune", "vanilla_mA", "random_mA")
 # Examples scored per task: the full CPU run's fixed subsets (see docs/code.md for the budget).

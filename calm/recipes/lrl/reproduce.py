@@ -32,6 +32,7 @@ import torch
 import calm
 from calm.errors import UserError
 from calm.recipes.experiment import TrainedRows
+from calm.recipes.lr_probe import run_probe
 from calm.recipes.lrl.data import LrlData, dc_records, ma_records
 from calm.recipes.lrl.evaluation import FLOORS, KINDS, build_tasks, score_row
 from calm.recipes.lrl.models import Models, load_built, load_models, versions
@@ -41,7 +42,6 @@ from calm.recipes.runner import (
     Row,
     RowContext,
     Runner,
-    run_probe,
     write_results,
 )
 from calm.tasks.translation import LANGUAGES
