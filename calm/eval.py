@@ -30,6 +30,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from calm import __version__, hf
+from calm.checkpoint import atomic_write_text
 from calm.errors import UserError
 from calm.likelihood import text_nll
 from calm.model import CALM
@@ -137,15 +138,17 @@ class Journal:
         self._done: dict[int, list[str]] = {}
         self.seconds = 0.0  # the generation time of the batches read back
         lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        kept = [json.dumps({"key": key})]
         if lines and self._parse(lines[0]) == {"key": key}:
             for line in lines[1:]:
                 entry = self._parse(line)
                 if entry is not None and {"batch", "completions", "seconds"} <= set(entry):
                     self._done[int(entry["batch"])] = list(entry["completions"])
                     self.seconds += float(entry["seconds"])
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")
+                    kept.append(line)
+        # rewritten whole: a torn last line would otherwise swallow the next batch appended
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, "\n".join(kept) + "\n")
         self._last = time.time()
 
     @staticmethod

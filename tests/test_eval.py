@@ -378,9 +378,13 @@ def test_a_journal_resumes_an_interrupted_generation_and_only_with_the_same_key(
     assert len(journal.read_text().splitlines()) == 1 + 3  # the key, then 3 batches
     with open(journal, "a") as f:
         f.write('{"batch": 3, "complet')  # a line cut short by the kill: ignored
+    _counting(model, fail_at=2)  # resumed, then killed again after one more batch
+    with pytest.raises(_Killed):
+        evaluate(model, EchoTask(), journal=journal, **settings)
+    assert len(journal.read_text().splitlines()) == 1 + 4  # the torn line did not eat batch 4
     calls = _counting(model)
     resumed = evaluate(model, EchoTask(), journal=journal, **settings)
-    assert len(calls) == 3  # only the batches not in the journal
+    assert len(calls) == 2  # only the batches not in the journal
     assert resumed.samples == whole.samples and resumed.metrics == whole.metrics
     assert not journal.exists()  # removed once the evaluation ended
 
